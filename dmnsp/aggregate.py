@@ -1,0 +1,660 @@
+"""Collect run folders into tables: one row per run, a per-setting summary over seeds, paper-style tables.
+
+Units: the metrics files of a run hold fractions; every table written here holds **percent**
+(``avg``, ``last``, ``forgetting``, ``bwt``, the continuum variants and ``step_k`` are multiplied by
+100). ``wall_seconds`` and ``peak_mem_mb`` keep their units.
+
+Nothing is dropped: a run folder that is missing or did not finish every task stays a row of
+``runs.csv`` (``status``: ``missing`` / ``incomplete``), counts in ``n_seeds`` but not in
+``n_complete`` of the summary, and is flagged and listed under the paper-style tables.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from dmnsp.io import atomic_write_text
+from dmnsp.metrics import run_metrics
+
+__all__ = [
+    "METRICS",
+    "HYPERPARAMETERS",
+    "REFERENCE_MODEL",
+    "load_reference",
+    "derive_label",
+    "run_settings",
+    "collect_runs",
+    "setting_columns",
+    "display_names",
+    "summarize",
+    "paper_table",
+    "hyperparameter_table",
+    "write_tables",
+    "make_report_artifacts",
+]
+
+#: Accuracy-type metrics, stored as fractions per run and shown in percent in every table.
+METRICS = ("avg", "last", "forgetting", "bwt", "forgetting_continuum", "bwt_continuum")
+#: Resource use per run (seconds, MiB), summed / maximised over tasks.
+RESOURCES = ("wall_seconds", "peak_mem_mb")
+#: The DMNSP hyperparameters whose sweeps get their own table and heatmaps.
+HYPERPARAMETERS = ("TOP_SELECT", "TOP_K_RATIO", "LAMBDA_SCALE")
+#: Other training settings shown in the hyperparameter table when they vary.
+_OTHER_HYPERPARAMETERS = ("lr", "epochs")
+#: The backbone of every published number in ``reference_results.csv`` (method.md section 9).
+REFERENCE_MODEL = "ViT-B-16"
+
+_CONFIG_KEYS = (
+    "model_name", "pretrained", "method", "evaluate_on", "TOP_SELECT", "TOP_K_RATIO", "LAMBDA_SCALE", "lr", "epochs",
+)
+_PROJECTION_KEYS = ("mode", "towers", "layers", "lambda", "basis", "energy_threshold")
+#: Settings read from every run (more come from ``run.json``'s ``settings``): grouping keys of the summary.
+BASE_SETTINGS = (
+    "experiment", "label", "dataset", "split", *_CONFIG_KEYS, *(f"projection.{k}" for k in _PROJECTION_KEYS),
+)
+_RUN_COLUMNS = ("seed", "status", "complete", "n_tasks", "n_tasks_done", "run_dir")
+_KNOWN_DATASETS = ("cifar100", "tinyimagenet", "fashion-mnist", "imagefolder")
+_KNOWN_METHODS = ("zeroshot", "finetune", "dmnsp")
+_METHOD_ORDER = {"zeroshot": 0, "finetune": 1, "dmnsp": 2}
+_REFERENCE_ORDER = {"zeroshot": 0, "moe_adapters": 1, "dmnsp": 2}
+_DATASET_ORDER = {"cifar100": 0, "tinyimagenet": 1}
+_STEP = re.compile(r"^step_(\d+)$")
+
+
+# --------------------------------------------------------------------------- reference numbers
+def load_reference() -> pd.DataFrame:
+    """Published numbers (method.md section 9) as tidy data, in percent.
+
+    Columns ``method, dataset, split, metric, value, source``; ``metric`` is ``avg``, ``last`` or
+    ``step_k`` (accuracy after step ``k``, 1-based). Unknown numbers are absent rows. All were
+    reported for a ViT-B/16 backbone (:data:`REFERENCE_MODEL`).
+    """
+    path = resources.files("dmnsp").joinpath("data/reference_results.csv")
+    with path.open("r") as fh:
+        ref = pd.read_csv(fh, dtype={"method": str, "dataset": str, "split": str, "metric": str, "source": str})
+    ref["value"] = ref["value"].astype(float)
+    return ref
+
+
+def _reference_value(ref: pd.DataFrame, method: str, dataset: str, split: str, metric: str) -> float | None:
+    hit = ref[(ref.method == method) & (ref.dataset == dataset) & (ref.split == split) & (ref.metric == metric)]
+    return float(hit.value.iloc[0]) if len(hit) else None
+
+
+# --------------------------------------------------------------------------- settings of one run
+def _resolved_projection(config: Mapping[str, Any]) -> dict[str, Any]:
+    proj = dict(config.get("projection") or {})
+    mode = proj.get("mode") or "faithful"
+    method = config.get("method")
+    proj["mode"] = mode
+    if proj.get("towers") is None:
+        proj["towers"] = "visual" if method == "dmnsp" else "none"
+    if proj.get("basis") is None:
+        proj["basis"] = "orthonormal" if mode == "clean" else "concat"
+    proj.setdefault("layers", "multi")
+    proj.setdefault("lambda", "dynamic")
+    proj.setdefault("energy_threshold", None)
+    return proj
+
+
+def derive_label(config: Mapping[str, Any]) -> str:
+    """A readable method label from ``method`` and the projection switches that differ from the method's defaults.
+
+    ``dmnsp`` with the paper's switches is ``dmnsp``; ablations read like
+    ``dmnsp (towers=both, layers=single)``; ``clean`` mode is named first, e.g. ``finetune (clean)``.
+    """
+    method = str(config.get("method") or "unknown")
+    proj = _resolved_projection(config)
+    parts = []
+    if proj["mode"] != "faithful":
+        parts.append(str(proj["mode"]))
+    projected = method == "dmnsp" or proj["towers"] != "none"
+    if method != "zeroshot" and projected:
+        default_towers = "visual" if method == "dmnsp" else "none"
+        if proj["towers"] != default_towers:
+            parts.append(f"towers={proj['towers']}")
+        if proj["layers"] != "multi":
+            parts.append(f"layers={proj['layers']}")
+        if proj["lambda"] != "dynamic":
+            parts.append(f"lambda={proj['lambda']}")
+        default_basis = "orthonormal" if proj["mode"] == "clean" else "concat"
+        if proj["basis"] != default_basis:
+            parts.append(f"basis={proj['basis']}")
+        if proj["energy_threshold"] is not None:
+            parts.append(f"energy={proj['energy_threshold']:g}")
+    return f"{method} ({', '.join(parts)})" if parts else method
+
+
+def _flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in mapping.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _scalar(value: Any) -> Any:
+    if isinstance(value, (list, tuple, dict)):
+        return json.dumps(value, sort_keys=True)
+    return value
+
+
+def run_settings(config: Mapping[str, Any], run_json: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The settings that identify a run's group (everything the summary groups by), seed excluded.
+
+    ``label`` and ``experiment`` come from ``run.json`` when given, else the label is
+    :func:`derive_label`. The split is ``"{initial_increment}-{increment}"``. Keys swept in
+    ``run.json``'s ``settings`` that are not already columns become extra columns (values from the
+    resolved config when it has them).
+    """
+    run_json = run_json or {}
+    flat_config = _flatten(config)
+    out: dict[str, Any] = dict.fromkeys(BASE_SETTINGS)
+    out["experiment"] = run_json.get("experiment")
+    out["label"] = run_json.get("label") or derive_label(config)
+    out["dataset"] = config.get("dataset")
+    if config.get("initial_increment") is not None and config.get("increment") is not None:
+        out["split"] = f"{int(config['initial_increment'])}-{int(config['increment'])}"
+    for key in _CONFIG_KEYS:
+        out[key] = _scalar(config.get(key))
+    for key, value in _resolved_projection(config).items():
+        out[f"projection.{key}"] = _scalar(value)
+    covered = set(out) | {"seed", "initial_increment", "increment", "projection"}
+    for key, value in _flatten(run_json.get("settings") or {}).items():
+        if key in covered:
+            continue
+        out[key] = _scalar(flat_config.get(key, value))
+    return out
+
+
+def _settings_from_path(path: Path) -> dict[str, Any]:
+    """Best guess for a run folder that does not exist: dataset/method/seed from path parts."""
+    out: dict[str, Any] = dict.fromkeys(BASE_SETTINGS)
+    seed = None
+    for part in path.parts:
+        if part in _KNOWN_DATASETS:
+            out["dataset"] = part
+        if part in _KNOWN_METHODS:
+            out["method"] = out["label"] = part
+        match = re.fullmatch(r"seed[_=-]?(\d+)", part)
+        if match:
+            seed = int(match.group(1))
+    out["seed"] = seed
+    return out
+
+
+# --------------------------------------------------------------------------- runs table
+def _isnan(value: Any) -> bool:
+    return isinstance(value, (float, np.floating)) and math.isnan(value)
+
+
+def _pct(value: float | None) -> float:
+    return np.nan if value is None else 100.0 * float(value)
+
+
+def collect_runs(run_dirs: Iterable[str | Path]) -> pd.DataFrame:
+    """One row per run folder: settings, ``seed``, status, metrics (percent) and per-step accuracy.
+
+    Columns: the settings (:data:`BASE_SETTINGS` plus swept keys from ``run.json``), ``seed``,
+    ``status`` (``complete`` / ``incomplete`` / ``missing``), ``complete``, ``n_tasks``,
+    ``n_tasks_done``, ``run_dir``, the :data:`METRICS` in percent (an incomplete run's are over the
+    tasks done so far), ``wall_seconds``, ``peak_mem_mb`` and ``step_1 .. step_T`` (accuracy on seen
+    classes after each step, percent). Missing folders stay as rows with NaN metrics.
+    """
+    records = []
+    for run_dir in run_dirs:
+        path = Path(run_dir)
+        config_path, run_json_path = path / "config.yaml", path / "run.json"
+        has_tasks = path.is_dir() and any(path.glob("task*/eval.json"))
+        if not config_path.is_file() and not has_tasks:
+            record = _settings_from_path(path)
+            record.update(status="missing", complete=False, n_tasks=np.nan, n_tasks_done=0, run_dir=str(path))
+            record.update(dict.fromkeys((*METRICS, *RESOURCES), np.nan))
+            records.append(record)
+            continue
+        config = yaml.safe_load(config_path.read_text()) if config_path.is_file() else {}
+        run_json = json.loads(run_json_path.read_text()) if run_json_path.is_file() else None
+        record = run_settings(config or {}, run_json)
+        record["seed"] = config.get("seed") if config else None
+        metrics = run_metrics(path)
+        record.update(
+            status="complete" if metrics["complete"] else "incomplete",
+            complete=bool(metrics["complete"]),
+            n_tasks=np.nan if metrics["n_tasks"] is None else metrics["n_tasks"],
+            n_tasks_done=metrics["n_tasks_done"],
+            run_dir=str(path),
+        )
+        record.update({name: _pct(metrics[name]) for name in METRICS})
+        record.update({name: np.nan if metrics[name] is None else metrics[name] for name in RESOURCES})
+        for step, acc in enumerate(metrics["accuracy_per_step"], start=1):
+            record[f"step_{step}"] = _pct(acc)
+        records.append(record)
+    df = pd.DataFrame.from_records(records)
+    for col in df.columns:  # integer settings stay integers next to a missing run's NaN
+        values = [v for v in (r.get(col) for r in records) if v is not None and not _isnan(v)]
+        if values and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values):
+            df[col] = df[col].astype("Int64")
+    if df.empty:
+        return pd.DataFrame(columns=[*BASE_SETTINGS, *_RUN_COLUMNS, *METRICS, *RESOURCES])
+    settings = [c for c in df.columns if c not in _RUN_COLUMNS and c not in METRICS and c not in RESOURCES
+                and not _STEP.match(c)]
+    steps = sorted((c for c in df.columns if _STEP.match(c)), key=lambda c: int(_STEP.match(c).group(1)))
+    df = df[[*settings, *_RUN_COLUMNS, *METRICS, *RESOURCES, *steps]]
+    df["complete"] = df["complete"].astype(bool)
+    return df
+
+
+def setting_columns(df: pd.DataFrame) -> list[str]:
+    """The grouping columns of a runs or summary table: everything that is not a seed, status, metric or statistic."""
+    skip = set(_RUN_COLUMNS) | set(METRICS) | set(RESOURCES) | {"n_seeds", "n_complete", "seeds", "not_complete"}
+    out = []
+    for col in df.columns:
+        if col in skip or _STEP.match(col) or col.endswith(("_mean", "_std")):
+            continue
+        out.append(col)
+    return out
+
+
+def _fmt_value(value: Any) -> str:
+    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
+        return "none"
+    if isinstance(value, (float, np.floating)):
+        return f"{value:g}"
+    return str(value)
+
+
+def display_names(df: pd.DataFrame) -> pd.Series:
+    """Row names for tables and plot legends: the label, plus any setting that tells apart groups sharing it.
+
+    Within one label and one (dataset, split), settings that take several values (a swept
+    hyperparameter, another experiment) are appended as ``[KEY=value, ...]``; the seed never is.
+    """
+    names = pd.Series("?", index=df.index, dtype=object)
+    if df.empty:
+        return names
+    settings = [c for c in setting_columns(df) if c not in ("label", "dataset", "split")]
+    labels = df["label"].astype(object).where(df["label"].notna(), "?")
+    for label in pd.unique(labels):
+        sub = df[labels == label]
+        varying = []
+        for col in settings:
+            per_cell = sub.groupby(["dataset", "split"], dropna=False)[col].nunique(dropna=False)
+            if (per_cell > 1).any():
+                varying.append(col)
+        for idx, row in sub.iterrows():
+            suffix = ", ".join(f"{col}={_fmt_value(row[col])}" for col in varying)
+            names[idx] = f"{label} [{suffix}]" if suffix else str(label)
+    return names
+
+
+# --------------------------------------------------------------------------- summary over seeds
+def summarize(df: pd.DataFrame) -> pd.DataFrame:
+    """Group runs by every setting except the seed; statistics over the **complete** runs.
+
+    Columns: the settings, ``n_seeds`` (runs in the group, incomplete and missing ones included),
+    ``n_complete``, ``seeds`` (e.g. ``"0,1,2"``), ``{metric}_mean`` and ``{metric}_std`` (sample
+    std, ddof=1; NaN for a single complete seed) for the :data:`METRICS` (percent) and resources,
+    and ``not_complete`` (the run folders of the group that are incomplete or missing).
+    """
+    keys = setting_columns(df)
+    stats = [*METRICS, *RESOURCES]
+    columns = [*keys, "n_seeds", "n_complete", "seeds", *(f"{m}_{s}" for m in stats for s in ("mean", "std")),
+               "not_complete"]
+    if df.empty:
+        return pd.DataFrame(columns=columns)
+    rows = []
+    for group_key, group in df.groupby(keys, dropna=False, sort=False):
+        row = dict(zip(keys, group_key if isinstance(group_key, tuple) else (group_key,), strict=True))
+        done = group[group["complete"]]
+        seeds = sorted(int(s) for s in group["seed"] if s is not None and not pd.isna(s))
+        row.update(n_seeds=len(group), n_complete=len(done), seeds=",".join(map(str, seeds)))
+        for metric in stats:
+            values = done[metric].astype(float).dropna()
+            row[f"{metric}_mean"] = float(values.mean()) if len(values) else np.nan
+            row[f"{metric}_std"] = float(values.std(ddof=1)) if len(values) > 1 else np.nan
+        row["not_complete"] = "; ".join(
+            f"{r.run_dir} ({r.status}, {int(r.n_tasks_done)}/{_fmt_tasks(r.n_tasks)} tasks)"
+            for r in group.itertuples() if not r.complete
+        )
+        rows.append(row)
+    out = pd.DataFrame(rows, columns=columns)
+    for key in keys:  # groupby turns None into NaN; keep the original dtype where it can
+        if out[key].isna().all():
+            out[key] = out[key].astype(object)
+    return out
+
+
+def _fmt_tasks(n: Any) -> str:
+    return "?" if n is None or pd.isna(n) else str(int(n))
+
+
+# --------------------------------------------------------------------------- paper-style table
+def _split_key(split: Any) -> tuple:
+    try:
+        initial, increment = (int(x) for x in str(split).split("-"))
+        return (0, -initial, -increment, "")
+    except ValueError:
+        return (1, 0, 0, str(split))
+
+
+def _columns(summary: pd.DataFrame) -> list[tuple[str, str]]:
+    cells = {(d, s) for d, s in zip(summary["dataset"], summary["split"], strict=True) if pd.notna(d) and pd.notna(s)}
+    return sorted(cells, key=lambda c: (_DATASET_ORDER.get(c[0], 9), c[0], _split_key(c[1])))
+
+
+_LATEX_SPECIALS = {
+    "\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+    "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+    "Δ": r"$\Delta$", "−": "-", "±": r"$\pm$", "†": r"\textsuperscript{\dag}",
+}
+
+
+def latex_escape(text: str) -> str:
+    """Escape LaTeX specials (``_ & % $ # { } ~ ^ \\``) and map ``Δ ± † −`` to LaTeX."""
+    return "".join(_LATEX_SPECIALS.get(ch, ch) for ch in str(text))
+
+
+def _cell(mean: float, std: float, n: int, *, bold: bool, flag: bool, style: str) -> str:
+    if n == 0 or pd.isna(mean):
+        text = "—" if style == "md" else "--"
+    elif n == 1 or pd.isna(std):
+        text = f"{mean:.2f} (n=1)"
+    else:
+        text = f"{mean:.2f} ± {std:.2f}" if style == "md" else f"{mean:.2f} $\\pm$ {std:.2f}"
+    if bold and text not in ("—", "--"):
+        text = f"**{text}**" if style == "md" else f"\\textbf{{{text}}}"
+    if flag:
+        text += "†" if style == "md" else r"\textsuperscript{\dag}"
+    return text
+
+
+def paper_table(
+    summary: pd.DataFrame,
+    reference: pd.DataFrame | None = None,
+    expected_seeds: int | None = None,
+    style: str = "md",
+) -> tuple[pd.DataFrame, list[str]]:
+    """The paper-style table as strings: rows = methods (ours, then reported, then Δ), columns = dataset × split × (Avg, Last, n).
+
+    Our cells are ``mean ± std`` over complete seeds (percent, 2 decimals; ``(n=1)`` for one seed);
+    the best mean per column among our rows is bold (ties included; only with two or more
+    candidates). Cells whose group has fewer complete seeds than ``expected_seeds`` (or than runs
+    in the group) get ``†``. Reported rows hold the published numbers of the columns shown; Δ rows
+    give ours − reported where both exist and our backbone is :data:`REFERENCE_MODEL`.
+
+    Args:
+        summary: the output of :func:`summarize` (runs evaluated on ``val`` are left out when test
+            runs exist).
+        reference: :func:`load_reference` (loaded when None).
+        expected_seeds: number of seeds each cell should have.
+        style: ``"md"`` (``**bold**``, ``±``) or ``"tex"`` (escaped, ``\\textbf``, ``$\\pm$``); the
+            tex variant has a (block, method) row index.
+
+    Returns:
+        ``(table, footnotes)``.
+    """
+    if style not in ("md", "tex"):
+        raise ValueError(f"style must be 'md' or 'tex', got {style!r}")
+    reference = load_reference() if reference is None else reference
+    summary = summary.copy()
+    if "evaluate_on" in summary and (summary["evaluate_on"] == "test").any():
+        summary = summary[summary["evaluate_on"].isna() | (summary["evaluate_on"] == "test")]
+    summary["_name"] = display_names(summary)
+    columns = _columns(summary)
+    esc = latex_escape if style == "tex" else str
+    header = [(esc(f"{d} {s}"), sub) for d, s in columns for sub in ("Avg", "Last", "n")]
+
+    placed = summary[summary["dataset"].notna() & summary["split"].notna()]
+    method_rank = {name: _METHOD_ORDER.get(str(m), 9) for name, m in zip(placed["_name"], placed["method"], strict=True)}
+    names = sorted(pd.unique(placed["_name"]), key=lambda n: (method_rank.get(n, 9), n))
+    by_cell = {(r["_name"], r["dataset"], r["split"]): r for _, r in placed.iterrows()}
+
+    def flagged(r: Mapping[str, Any]) -> bool:
+        return int(r["n_complete"]) < max(int(r["n_seeds"]), expected_seeds or 0)
+
+    best: dict[tuple[str, str, str], float] = {}
+    for d, s in columns:
+        for metric in ("avg", "last"):
+            values = [round(by_cell[(n, d, s)][f"{metric}_mean"], 2) for n in names
+                      if (n, d, s) in by_cell and pd.notna(by_cell[(n, d, s)][f"{metric}_mean"])]
+            if len(values) >= 2:
+                best[(d, s, metric)] = max(values)
+
+    rows: list[tuple[str, str, list[str]]] = []
+    any_flag = False
+    for name in names:
+        cells = []
+        for d, s in columns:
+            r = by_cell.get((name, d, s))
+            if r is None:
+                cells += ["", "", ""]
+                continue
+            flag = flagged(r)
+            any_flag |= flag
+            for metric in ("avg", "last"):
+                mean = r[f"{metric}_mean"]
+                bold = pd.notna(mean) and best.get((d, s, metric)) == round(mean, 2)
+                cells.append(_cell(mean, r[f"{metric}_std"], int(r["n_complete"]), bold=bold, flag=flag, style=style))
+            n_text = str(int(r["n_complete"])) if int(r["n_complete"]) == int(r["n_seeds"]) else \
+                f"{int(r['n_complete'])}/{int(r['n_seeds'])}"
+            cells.append(n_text + (("†" if style == "md" else r"\textsuperscript{\dag}") if flag else ""))
+        rows.append(("ours", esc(name), cells))
+
+    ref_methods = sorted(set(reference["method"]), key=lambda m: (_REFERENCE_ORDER.get(m, 9), m))
+    for method in ref_methods:
+        cells, found = [], False
+        for d, s in columns:
+            for metric in ("avg", "last"):
+                value = _reference_value(reference, method, d, s, metric)
+                found |= value is not None
+                cells.append("" if value is None else f"{value:.2f}")
+            cells.append("")
+        if found:
+            rows.append(("reported", esc(f"{method} (reported)"), cells))
+
+    delta_rows = []
+    for name in names:
+        cells, found = [], False
+        for d, s in columns:
+            r = by_cell.get((name, d, s))
+            for metric in ("avg", "last"):
+                text = ""
+                if r is not None and str(r["label"]) in ref_methods and r["model_name"] == REFERENCE_MODEL:
+                    value = _reference_value(reference, str(r["label"]), d, s, metric)
+                    mean = r[f"{metric}_mean"]
+                    if value is not None and pd.notna(mean):
+                        text = f"{mean - value:+.2f}" if style == "md" else f"${mean - value:+.2f}$"
+                        found = True
+                cells.append(text)
+            cells.append("")
+        if found:
+            delta_rows.append(("Δ ours − reported", esc(f"Δ {name}") if style == "md" else esc(name), cells))
+    rows += delta_rows
+
+    if style == "tex":
+        blocks = {"ours": "ours", "reported": "reported", "Δ ours − reported": r"$\Delta$ ours$-$reported"}
+        index = pd.MultiIndex.from_tuples([(blocks[b], n) for b, n, _ in rows])
+    else:
+        index = pd.Index([n for _, n, _ in rows], name="method")
+    col_index = pd.MultiIndex.from_tuples(header) if style == "tex" else pd.Index([f"{c} {s}" for c, s in header])
+    table = pd.DataFrame([cells for _, _, cells in rows], index=index, columns=col_index)
+
+    notes = [
+        "Accuracy in %: mean ± std over seeds (sample std, ddof=1), '(n=1)' where one seed gives no std; "
+        "bold = best reproduced value per column; n = complete seeds (complete/total when runs are missing or incomplete).",
+        f"Reported: published numbers ({REFERENCE_MODEL}) from dmnsp/data/reference_results.csv; "
+        f"Δ = ours − reported, only for runs with the same backbone ({REFERENCE_MODEL}).",
+    ]
+    if any_flag:
+        expected = f" (expected {expected_seeds})" if expected_seeds else ""
+        notes.append(f"† fewer complete seeds than runs or than expected{expected}; means use complete runs only.")
+    unfinished = [text for text in summary["not_complete"] if isinstance(text, str) and text]
+    if unfinished:
+        notes.append("Incomplete or missing runs: " + "; ".join(unfinished) + ".")
+    return table, notes
+
+
+def _summary_markdown(summary: pd.DataFrame, reference: pd.DataFrame, expected_seeds: int | None) -> str:
+    table, notes = paper_table(summary, reference, expected_seeds, style="md")
+    lines = ["# Results (accuracy, %)", ""]
+    if table.empty:
+        lines.append("No runs found.")
+    else:
+        lines.append(table.to_markdown(colalign=["left"] + ["right"] * table.shape[1]))
+    lines.append("")
+    lines += [f"- {note}" for note in notes]
+    return "\n".join(lines) + "\n"
+
+
+def _summary_latex(summary: pd.DataFrame, reference: pd.DataFrame, expected_seeds: int | None) -> str:
+    table, notes = paper_table(summary, reference, expected_seeds, style="tex")
+    if table.empty:
+        return "% no runs found\n"
+    tex = table.style.to_latex(
+        hrules=True,
+        column_format="ll" + "r" * table.shape[1],
+        multicol_align="c",
+        multirow_align="naive",
+        clines="skip-last;data",
+        environment="table",
+        position_float="centering",
+        caption="Class-incremental accuracy (\\%), mean $\\pm$ std over seeds; reported numbers beside ours.",
+        label="tab:dmnsp-summary",
+    )
+    # Booktabs rules between the row blocks instead of \cline, none right before \bottomrule.
+    lines = [r"\midrule" if line.startswith(r"\cline") else line for line in tex.splitlines()]
+    lines = [line for i, line in enumerate(lines)
+             if not (line == r"\midrule" and i + 1 < len(lines) and lines[i + 1] == r"\bottomrule")]
+    notes_tex = [r"\par\smallskip\footnotesize"] + [latex_escape(note) + r"\\" for note in notes]
+    end = lines.index(r"\end{table}")
+    lines[end:end] = notes_tex
+    header = ["% Requires \\usepackage{booktabs}. Generated by dmnsp.aggregate.write_tables."]
+    return "\n".join(header + lines) + "\n"
+
+
+# --------------------------------------------------------------------------- hyperparameter table
+def hyperparameter_table(summary: pd.DataFrame) -> pd.DataFrame:
+    """Avg/Last (percent) per hyperparameter setting, for each (dataset, split, label) where one varies.
+
+    Rows only for groups where at least one of :data:`HYPERPARAMETERS` (or ``lr``/``epochs``)
+    takes several values. ``best`` marks the setting with the highest mean Avg (ties: higher Last)
+    within its (dataset, split, label).
+    """
+    hps = [c for c in (*HYPERPARAMETERS, *_OTHER_HYPERPARAMETERS) if c in summary.columns]
+    ids = ["dataset", "split", "label"] + (["evaluate_on"] if "evaluate_on" in summary.columns else [])
+    stats = ["avg_mean", "avg_std", "last_mean", "last_std", "n_seeds", "n_complete"]
+    parts = []
+    if not summary.empty:
+        for _, group in summary.groupby(ids, dropna=False, sort=True):
+            if not any(group[c].nunique(dropna=False) > 1 for c in hps):
+                continue
+            part = group[ids + hps + stats].copy()
+            ranked = part.sort_values(["avg_mean", "last_mean"], ascending=False, na_position="last")
+            part["best"] = False
+            if ranked["avg_mean"].notna().any():
+                part.loc[ranked.index[0], "best"] = True
+            parts.append(part.sort_values(hps))
+    if not parts:
+        return pd.DataFrame(columns=ids + list(HYPERPARAMETERS) + stats + ["best"])
+    table = pd.concat(parts, ignore_index=True)
+    keep = [c for c in _OTHER_HYPERPARAMETERS if c in table and table[c].nunique(dropna=False) > 1]
+    return table[ids + list(HYPERPARAMETERS) + keep + stats + ["best"]]
+
+
+def _hyperparameter_markdown(table: pd.DataFrame) -> str:
+    lines = ["# Hyperparameters (accuracy, %)", ""]
+    if table.empty:
+        lines.append("No hyperparameter sweep: every (dataset, split, method) has a single "
+                     "(TOP_SELECT, TOP_K_RATIO, LAMBDA_SCALE) setting.")
+        return "\n".join(lines) + "\n"
+    shown = table.copy()
+    for metric in ("avg", "last"):
+        shown[metric.capitalize()] = [
+            _cell(m, s, int(n), bold=bool(b), flag=False, style="md")
+            for m, s, n, b in zip(shown[f"{metric}_mean"], shown[f"{metric}_std"], shown["n_complete"], shown["best"],
+                                  strict=True)
+        ]
+    shown["n"] = [f"{int(c)}" if int(c) == int(s) else f"{int(c)}/{int(s)}"
+                  for c, s in zip(shown["n_complete"], shown["n_seeds"], strict=True)]
+    shown["best"] = np.where(shown["best"], "✓", "")
+    drop = ["avg_mean", "avg_std", "last_mean", "last_std", "n_seeds", "n_complete"]
+    shown = shown.drop(columns=drop)
+    for col in shown.columns:
+        shown[col] = [_fmt_value(v) if not isinstance(v, str) else v for v in shown[col]]
+    lines.append(shown.to_markdown(index=False))
+    lines += ["", "- Best (✓, bold): highest mean Avg within its dataset, split and method (ties: higher Last)."]
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- writing
+def _write_tables_from(
+    runs: pd.DataFrame, out_dir: Path, expected_seeds: int | None, reference: pd.DataFrame
+) -> tuple[dict[str, Path], pd.DataFrame]:
+    out_dir = Path(out_dir)
+    summary = summarize(runs)
+    hyper = hyperparameter_table(summary)
+    written = {
+        "runs.csv": atomic_write_text(out_dir / "runs.csv", runs.to_csv(index=False)),
+        "summary.csv": atomic_write_text(out_dir / "summary.csv", summary.to_csv(index=False)),
+        "summary.md": atomic_write_text(out_dir / "summary.md", _summary_markdown(summary, reference, expected_seeds)),
+        "summary.tex": atomic_write_text(out_dir / "summary.tex", _summary_latex(summary, reference, expected_seeds)),
+        "hyperparameters.csv": atomic_write_text(out_dir / "hyperparameters.csv", hyper.to_csv(index=False)),
+        "hyperparameters.md": atomic_write_text(out_dir / "hyperparameters.md", _hyperparameter_markdown(hyper)),
+    }
+    return written, summary
+
+
+def write_tables(
+    run_dirs: Sequence[str | Path], out_dir: str | Path, expected_seeds: int | None = None
+) -> dict[str, Path]:
+    """Write ``runs.csv``, ``summary.csv``, ``summary.md``, ``summary.tex``, ``hyperparameters.csv`` and ``hyperparameters.md``.
+
+    Args:
+        run_dirs: run folders (missing ones stay visible as ``status: missing``).
+        out_dir: folder for the tables (created).
+        expected_seeds: seeds every cell should have; cells with fewer complete seeds get ``†``.
+
+    Returns:
+        File name -> path of every table written.
+    """
+    written, _ = _write_tables_from(collect_runs(run_dirs), Path(out_dir), expected_seeds, load_reference())
+    return written
+
+
+def make_report_artifacts(
+    run_dirs: Sequence[str | Path],
+    tables_dir: str | Path,
+    plots_dir: str | Path,
+    expected_seeds: int | None = None,
+) -> dict[str, Any]:
+    """Every table and figure of the results stage (the CLI's report command calls this).
+
+    Returns:
+        ``{"tables": {file name: path}, "plots": {plot kind: [paths]}}``.
+    """
+    from dmnsp import plots  # matplotlib is an optional extra: import only when figures are asked for
+
+    run_dirs = list(run_dirs)
+    reference = load_reference()
+    runs = collect_runs(run_dirs)
+    tables, summary = _write_tables_from(runs, Path(tables_dir), expected_seeds, reference)
+    figures = {
+        "accuracy_curves": plots.plot_accuracy_curves(runs, plots_dir, reference),
+        "accuracy_matrices": plots.plot_accuracy_matrices(run_dirs, plots_dir),
+        "hyperparameters": plots.plot_hyperparameters(summary, plots_dir),
+        "diagnostics": plots.plot_diagnostics(run_dirs, plots_dir),
+    }
+    return {"tables": tables, "plots": figures}

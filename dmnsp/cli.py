@@ -1,0 +1,276 @@
+"""Command line: ``python -m dmnsp <command>`` (also the ``dmnsp`` script). Works without Snakemake.
+
+``main(argv)`` takes an argument list so tests can call it; nothing happens at import.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from . import __version__
+
+
+def _config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--config", required=required, help="run configuration YAML (see dmnsp/schemas/run.schema.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key (dotted keys allowed, values parsed as YAML); repeatable")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _load(args):
+    from .config import load_config, parse_overrides
+
+    return load_config(args.config, parse_overrides(args.overrides))
+
+
+def _git_revision() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def cmd_run(args) -> int:
+    from .metrics import write_run_metrics
+    from .runner import run_all
+
+    cfg = _load(args)
+    out = Path(args.out_dir) if args.out_dir else None
+    if out is not None:
+        _write_provenance(cfg, out, experiment="cli", label=cfg["method"], settings={})
+
+    def report(t, row, diag):
+        seen = ", ".join(f"{a:.3f}" for a in row["accuracy_per_task"])
+        extra = ""
+        if diag.get("lambda"):
+            flat = [x for r in diag["lambda"] for x in r]
+            extra = f"  lambda [{min(flat):.1f}, {max(flat):.1f}]"
+        inf = diag["inf_fraction_exp_avg_sq"]["visual"]
+        print(f"task {t}: accuracy {row['accuracy']:.4f} (per task: {seen})  inf(exp_avg_sq) {inf:.2g}{extra}",
+              flush=True)
+
+    rows = run_all(cfg, out, report, progress=not args.quiet)
+    accs = [r["accuracy"] for r in rows]
+    print(f"Avg {sum(accs) / len(accs):.4f}  Last {accs[-1]:.4f}  ({len(accs)} tasks)")
+    if out is not None:
+        write_run_metrics(out)
+        print(f"wrote {out}")
+    return 0
+
+
+def _write_provenance(cfg: dict, out_dir: Path, experiment: str, label: str, settings: dict) -> None:
+    from .config import config_hash, dump_config
+    from .io import atomic_write_json
+
+    dump_config(cfg, out_dir / "config.yaml")
+    atomic_write_json(out_dir / "run.json", {
+        "experiment": experiment, "label": label, "settings": settings, "dmnsp_version": __version__,
+        "git_revision": _git_revision(), "config_hash": config_hash(cfg),
+    })
+
+
+def cmd_prepare_run(args) -> int:
+    from .config import load_config, parse_overrides
+
+    settings = parse_overrides(args.overrides)
+    if args.settings_json:
+        settings.update(json.loads(args.settings_json))
+    cfg = load_config(args.config, settings)
+    _write_provenance(cfg, Path(args.out_dir), args.experiment, args.label or cfg["method"], settings)
+    return 0
+
+
+def cmd_train_task(args) -> int:
+    from .runner import run_one_task
+
+    cfg = _load(args)
+    row = run_one_task(cfg, args.task, args.resume, args.out_dir, progress=not args.quiet)
+    print(f"task {args.task}: accuracy {row['accuracy']:.4f} on {row['n_samples']} images")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .checkpoint import load_checkpoint
+    from .evaluate import evaluate_seen
+    from .io import atomic_write_json
+    from .runner import Session
+    from .train import derive_seed
+
+    cfg = _load(args)
+    state = load_checkpoint(args.checkpoint, cfg)
+    session = Session(cfg, progress=not args.quiet)
+    from .adapters import load_adapter_state_dict
+
+    load_adapter_state_dict(session.model, state.adapters)
+    t, sc = state.task, session.scenario
+    row = evaluate_seen(
+        session.model, session.bundle.tokenizer, [session._heldout(j) for j in range(t + 1)],
+        [sc.class_names[i] for i in sc.seen_classes(t)], cfg, t, session.n_tasks, session.device,
+        derive_seed(cfg["seed"], t, "eval"), session.num_workers, not args.quiet,
+    )
+    if args.out:
+        atomic_write_json(args.out, row)
+    print(json.dumps({k: row[k] for k in ("task", "accuracy", "accuracy_per_task")}))
+    return 0
+
+
+def cmd_pretrain(args) -> int:
+    from .pretrain import pretrain
+
+    cfg = _load(args)
+    summary = pretrain(cfg, args.out, progress=not args.quiet)
+    print(f"pretrained {summary['model_name']} for {summary['steps']} steps on {summary['pretrain_images']} "
+          f"images: zero-shot accuracy {summary['zero_shot_accuracy']:.4f} ({summary['seconds']:.0f} s) -> {args.out}")
+    return 0
+
+
+def cmd_metrics(args) -> int:
+    from .metrics import write_run_metrics
+
+    m = write_run_metrics(args.run_dir)
+    print(json.dumps({k: m[k] for k in ("avg", "last", "n_tasks_done", "complete")}))
+    return 0
+
+
+def cmd_report_artifacts(args) -> int:
+    from .aggregate import make_report_artifacts
+
+    make_report_artifacts(args.runs, args.tables_dir, args.plots_dir, expected_seeds=args.expected_seeds)
+    return 0
+
+
+def cmd_import_config(args) -> int:
+    import yaml
+
+    from .hydra_import import import_hydra_config
+    from .io import atomic_write_text
+
+    spec = import_hydra_config(args.hydra_config)
+    text = yaml.safe_dump(spec, sort_keys=False)
+    if args.out:
+        atomic_write_text(args.out, text)
+    else:
+        print(text, end="")
+    return 0
+
+
+def cmd_validate(args) -> int:
+    import yaml
+
+    cfg = _load(args)
+    print(yaml.safe_dump(cfg, sort_keys=False), end="")
+    return 0
+
+
+def cmd_list_models(args) -> int:
+    from .model import list_models, package_models
+
+    names = package_models() if args.offline else list_models()
+    print("\n".join(names))
+    return 0
+
+
+def cmd_list_datasets(args) -> int:
+    from .datasets import list_datasets
+
+    print("\n".join(list_datasets()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dmnsp", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"dmnsp {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="all tasks of one run in one process, printing per-task accuracy")
+    _config_args(p)
+    p.add_argument("--out-dir", help="write per-task folders, metrics.json and accuracy_matrix.csv here")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("train-task", help="train and evaluate one task, resuming from the previous checkpoint")
+    _config_args(p)
+    p.add_argument("--task", type=int, required=True, help="task index t (0-based)")
+    p.add_argument("--resume", help="checkpoint.pt of task t-1 (required for t > 0)")
+    p.add_argument("--out-dir", required=True, help="folder for checkpoint.pt, eval.json, diagnostics.json")
+    p.set_defaults(func=cmd_train_task)
+
+    p = sub.add_parser("evaluate", help="evaluate a task checkpoint on all classes seen so far")
+    _config_args(p)
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--out", help="write the evaluation row as JSON here")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("pretrain", help="pretrain a small CLIP (whole model) on the pretraining slice")
+    _config_args(p)
+    p.add_argument("--out", required=True, help="checkpoint path (.pt); a .json summary is written beside it")
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("prepare-run", help="write a run folder's resolved config.yaml and run.json (provenance)")
+    _config_args(p, required=False)
+    p.add_argument("--settings-json", help="run settings as one JSON object (merged after --set)")
+    p.add_argument("--experiment", required=True)
+    p.add_argument("--label", help="display name in tables (default: the method)")
+    p.add_argument("--out-dir", required=True)
+    p.set_defaults(func=cmd_prepare_run)
+
+    p = sub.add_parser("metrics", help="accuracy_matrix.csv and metrics.json of a run folder")
+    p.add_argument("--run-dir", required=True)
+    p.set_defaults(func=cmd_metrics)
+
+    p = sub.add_parser("report-artifacts", help="tables and plots of an experiment from its run folders")
+    p.add_argument("--runs", nargs="+", required=True)
+    p.add_argument("--tables-dir", required=True)
+    p.add_argument("--plots-dir", required=True)
+    p.add_argument("--expected-seeds", type=int)
+    p.set_defaults(func=cmd_report_artifacts)
+
+    p = sub.add_parser("import-config", help="turn a reference Hydra config into a dmnsp experiment")
+    p.add_argument("hydra_config")
+    p.add_argument("--out")
+    p.set_defaults(func=cmd_import_config)
+
+    p = sub.add_parser("validate-config", help="validate a run config and print it with every default filled in")
+    _config_args(p)
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("list-models", help="open_clip architectures (and the offline tiny one)")
+    p.add_argument("--offline", action="store_true", help="only the architectures shipped with dmnsp")
+    p.set_defaults(func=cmd_list_models)
+
+    p = sub.add_parser("list-datasets", help="supported datasets")
+    p.set_defaults(func=cmd_list_datasets)
+    return parser
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+    from .io import OutputError
+    from .model import ModelError, WeightsError
+    from .train import NonFiniteError
+
+    errors: list[type[BaseException]] = [ConfigError, CheckpointError, OutputError, ModelError, WeightsError,
+                                         NonFiniteError]
+    try:
+        from .datasets import DataError
+
+        errors.append(DataError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status (2 for a user error with a message, no traceback)."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except _user_errors() as exc:
+        print(f"dmnsp {args.command}: error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,193 @@
+"""Run configuration: load, validate against the packaged JSON schema, fill defaults, hash.
+
+A run config is a plain dict (YAML on disk). Validation happens once, here, so every later
+step can trust the keys it reads.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import hashlib
+import json
+from collections.abc import Mapping
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+from jsonschema import Draft202012Validator
+
+# Keys that say where things are or how fast to run, not what is computed: they may differ
+# between a checkpoint and the run that resumes it.
+EXECUTION_KEYS = frozenset(
+    {"dataset_root", "download", "cache_dir", "device", "num_workers", "threads", "eval_batch_size",
+     "evaluate_on"}
+)
+
+
+class ConfigError(ValueError):
+    """A run configuration is malformed; the message names the key and the fix."""
+
+
+@cache
+def run_schema() -> dict:
+    """The JSON schema (draft 2020-12) of a run configuration."""
+    text = resources.files("dmnsp").joinpath("schemas/run.schema.yaml").read_text()
+    return yaml.safe_load(text)
+
+
+def defaults() -> dict:
+    """A fully defaulted run configuration."""
+    return validate({})
+
+
+def _fill_defaults(cfg: dict, schema: Mapping) -> dict:
+    out = dict(cfg)
+    for key, sub in schema.get("properties", {}).items():
+        if key not in out and "default" in sub:
+            out[key] = copy.deepcopy(sub["default"])
+        if sub.get("type") == "object" and isinstance(out.get(key), dict):
+            out[key] = _fill_defaults(out[key], sub)
+    return out
+
+
+def _key_path(error) -> str:
+    return ".".join(str(p) for p in error.absolute_path) or "<top level>"
+
+
+def _describe(error, schema: Mapping) -> str:
+    path = _key_path(error)
+    if error.validator == "additionalProperties":
+        # Name the unknown key and suggest the closest valid one (typos are the usual cause).
+        parent = schema
+        for part in error.absolute_path:
+            parent = parent.get("properties", {}).get(part, {})
+        allowed = sorted(parent.get("properties", {}))
+        extras = sorted(set(error.instance) - set(allowed))
+        hints = []
+        for key in extras:
+            close = difflib.get_close_matches(key, allowed, n=1)
+            hints.append(f"'{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+        where = "" if path == "<top level>" else f" in '{path}'"
+        return f"unknown key {', '.join(hints)}{where}; valid keys: {', '.join(allowed)}"
+    if error.validator == "enum":
+        return f"'{path}': {error.instance!r} is not one of {error.validator_value}"
+    return f"'{path}': {error.message}"
+
+
+def validate(cfg: Mapping[str, Any] | None) -> dict:
+    """Validate a run configuration, fill defaults and resolve derived settings.
+
+    Args:
+        cfg: the user's keys (missing keys take the schema defaults).
+
+    Returns:
+        A new dict with every key present.
+
+    Raises:
+        ConfigError: naming the first offending key.
+    """
+    if cfg is None:
+        cfg = {}
+    if not isinstance(cfg, Mapping):
+        raise ConfigError(f"a run configuration must be a mapping of keys to values, got {type(cfg).__name__}")
+    schema = run_schema()
+    validator = Draft202012Validator(schema)
+    errors = sorted(validator.iter_errors(dict(cfg)), key=lambda e: (len(e.absolute_path), str(e.absolute_path)))
+    if errors:
+        raise ConfigError("invalid run configuration: " + _describe(errors[0], schema))
+    out = _fill_defaults(dict(cfg), schema)
+    return _resolve(out)
+
+
+def _resolve(cfg: dict) -> dict:
+    """Derived settings that depend on other keys (kept explicit in the resolved config)."""
+    proj = cfg["projection"]
+    if proj["towers"] is None:
+        proj["towers"] = "visual" if cfg["method"] == "dmnsp" else "none"
+    if cfg["method"] != "dmnsp" and proj["towers"] != "none":
+        raise ConfigError(
+            f"'projection.towers': {proj['towers']!r} needs method 'dmnsp' (method is {cfg['method']!r}); "
+            "set method: dmnsp or projection.towers: none"
+        )
+    if proj["basis"] is None:
+        proj["basis"] = "concat" if proj["mode"] == "faithful" else "orthonormal"
+    if proj["energy_threshold"] is not None and proj["basis"] != "orthonormal":
+        raise ConfigError("'projection.energy_threshold' needs projection.basis: orthonormal")
+    if cfg["eval_transform"] is None:
+        cfg["eval_transform"] = "train" if proj["mode"] == "faithful" else "center"
+    if cfg["val_fraction"] == 0 and cfg["evaluate_on"] == "val":
+        raise ConfigError("'evaluate_on': val needs val_fraction > 0")
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> dict:
+    """Read a YAML run config, apply ``overrides`` (dotted keys allowed) and validate it."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of keys, not {type(raw).__name__}")
+    for key, value in (overrides or {}).items():
+        set_dotted(raw, key, value)
+    return validate(raw)
+
+
+def set_dotted(cfg: dict, key: str, value: Any) -> None:
+    """Set ``a.b.c`` style keys in a nested dict, creating levels as needed."""
+    parts = key.split(".")
+    node = cfg
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"cannot set '{key}': '{part}' is not a mapping")
+    node[parts[-1]] = value
+
+
+def parse_overrides(items: list[str] | None) -> dict:
+    """``["lr=0.01", "projection.mode=clean"]`` → dict, values parsed as YAML scalars."""
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like key=value")
+        key, value = item.split("=", 1)
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def state_config(cfg: Mapping) -> dict:
+    """The part of a config that determines a run's task state (execution keys removed)."""
+    return {k: v for k, v in cfg.items() if k not in EXECUTION_KEYS}
+
+
+def config_hash(cfg: Mapping) -> str:
+    """Stable short hash of the state-determining part of a resolved config."""
+    blob = json.dumps(state_config(cfg), sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def config_diff(a: Mapping, b: Mapping, prefix: str = "") -> list[str]:
+    """Human-readable differences between two (nested) configs, for error messages."""
+    out = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key, "<missing>"), b.get(key, "<missing>")
+        if isinstance(va, Mapping) and isinstance(vb, Mapping):
+            out += config_diff(va, vb, f"{prefix}{key}.")
+        elif va != vb:
+            out.append(f"{prefix}{key}: {va!r} != {vb!r}")
+    return out
+
+
+def dump_config(cfg: Mapping, path: str | Path) -> None:
+    """Write a config as YAML (atomically, so a killed job never leaves half a file)."""
+    from .io import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(dict(cfg), sort_keys=False))

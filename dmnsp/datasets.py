@@ -1,0 +1,388 @@
+"""Datasets: CIFAR100, TinyImageNet, Fashion-MNIST and any image folder, with their class names.
+
+Every loader returns a :class:`DatasetSplits` whose datasets yield ``(PIL image, original label)``
+with no transform; the scenario layer (``dmnsp.scenario``) selects, remaps and transforms.
+Nothing here touches the disk at import time.
+"""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+import struct
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch.utils.data
+import yaml
+from torchvision.datasets import CIFAR100, FashionMNIST, ImageFolder, VisionDataset
+from torchvision.datasets.folder import default_loader, make_dataset
+
+from .config import ConfigError
+from .io import atomic_save
+
+NUM_CLASSES: dict[str, int] = {"cifar100": 100, "tinyimagenet": 200, "fashion-mnist": 10}
+
+# Where Debian's `dataset-fashion-mnist` package puts its files (the offline source of real data).
+FASHION_MNIST_DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
+_FASHION_MNIST_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
+_CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
+_TINYIMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
+
+
+class DataError(FileNotFoundError):
+    """Dataset files are missing or unusable; the message names the folder and how to get them."""
+
+
+@dataclass
+class DatasetSplits:
+    """A dataset's train and test sets (untransformed) with labels, names and standard order."""
+
+    name: str
+    train: torch.utils.data.Dataset
+    test: torch.utils.data.Dataset
+    train_targets: np.ndarray
+    test_targets: np.ndarray
+    class_names: list[str]
+    default_class_order: list[int]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def list_datasets() -> list[str]:
+    """Names accepted by :func:`load_dataset` (the config's ``dataset`` key)."""
+    return sorted(_LOADERS)
+
+
+def default_class_order(name: str) -> list[int]:
+    """The standard class order shipped with the package (``data/class_orders/<name>.yaml``)."""
+    if name not in NUM_CLASSES:
+        hint = " (its default is the sorted folder order, known once loaded)" if name == "imagefolder" else ""
+        raise ConfigError(
+            f"no packaged class order for dataset {name!r}{hint}; packaged: {', '.join(sorted(NUM_CLASSES))}"
+        )
+    return list(_packaged_order(name))
+
+
+@cache
+def _packaged_order(name: str) -> tuple[int, ...]:
+    text = resources.files("dmnsp").joinpath(f"data/class_orders/{name}.yaml").read_text()
+    return tuple(int(c) for c in yaml.safe_load(text)["class_order"])
+
+
+@cache
+def _cifar100_names() -> tuple[str, ...]:
+    text = resources.files("dmnsp").joinpath("data/cifar100_classes.txt").read_text()
+    return tuple(line.strip() for line in text.splitlines() if line.strip())
+
+
+@cache
+def _tinyimagenet_names() -> dict[str, str]:
+    """wnid -> name, in the packaged (standard wnids.txt) order."""
+    text = resources.files("dmnsp").joinpath("data/tinyimagenet_classes.tsv").read_text()
+    rows = [line.split("\t") for line in text.splitlines() if line.strip()]
+    return {wnid: name for _, wnid, name in rows}
+
+
+def load_dataset(name: str, root: str | Path, download: bool = False) -> DatasetSplits:
+    """Load a dataset's train and test sets from ``root``.
+
+    Args:
+        name: one of :func:`list_datasets`.
+        root: the folder holding the dataset (``dataset_root`` in the run config).
+        download: let torchvision fetch missing files (CIFAR100, Fashion-MNIST; needs the internet).
+
+    Raises:
+        DataError: when the files are missing, naming the folder looked in and how to get them.
+    """
+    if name not in _LOADERS:
+        raise ConfigError(f"unknown dataset {name!r}; choose one of {', '.join(list_datasets())}")
+    return _LOADERS[name](Path(root).expanduser(), download)
+
+
+def _targets(values: Any) -> np.ndarray:
+    return np.asarray(values, dtype=np.int64).reshape(-1)
+
+
+# ---------------------------------------------------------------------------------------- CIFAR100
+
+
+def _load_cifar100(root: Path, download: bool) -> DatasetSplits:
+    folder = root / CIFAR100.base_folder
+    how = (
+        f"set `download: true` (needs the internet) or extract {_CIFAR100_URL} so that "
+        f"{folder}/ holds train, test and meta"
+    )
+    if not download and not folder.is_dir():
+        raise DataError(f"CIFAR100 not found: no folder {folder}; {how}")
+    try:
+        # torchvision checks every file's md5; a mismatch means a partial or foreign copy.
+        train = CIFAR100(str(root), train=True, download=download)
+        test = CIFAR100(str(root), train=False, download=download)
+    except RuntimeError as exc:
+        raise DataError(
+            f"CIFAR100 in {folder} is missing files or failed torchvision's md5 check ({exc}); {how}"
+        ) from exc
+    except OSError as exc:  # network errors (URLError) while downloading
+        raise DataError(f"downloading CIFAR100 into {root} failed ({exc}); {how}") from exc
+    names = list(_cifar100_names())
+    if list(train.classes) != names:
+        raise DataError(
+            f"CIFAR100 in {folder}: the meta file's class names differ from the packaged list "
+            "(dmnsp/data/cifar100_classes.txt); the copy is not the standard CIFAR100"
+        )
+    return DatasetSplits(
+        name="cifar100",
+        train=train,
+        test=test,
+        train_targets=_targets(train.targets),
+        test_targets=_targets(test.targets),
+        class_names=names,
+        default_class_order=default_class_order("cifar100"),
+    )
+
+
+# ------------------------------------------------------------------------------------ TinyImageNet
+
+
+class TinyImageNet(VisionDataset):
+    """The ``tiny-imagenet-200`` folder: labels are line indices of ``wnids.txt``.
+
+    ``split="train"`` reads ``train/<wnid>/images/*.JPEG``; ``split="val"`` reads ``val/images``
+    labelled by ``val/val_annotations.txt`` (the labelled set used as the test set; the official
+    test images have no labels).
+    """
+
+    base_folder = "tiny-imagenet-200"
+
+    def __init__(
+        self,
+        root: str | Path,
+        split: str = "train",
+        transform: Callable | None = None,
+        target_transform: Callable | None = None,
+        loader: Callable[[str], Any] = default_loader,
+    ) -> None:
+        super().__init__(str(root), transform=transform, target_transform=target_transform)
+        if split not in ("train", "val"):
+            raise ValueError(f"split must be 'train' or 'val', not {split!r}")
+        self.split = split
+        self.loader = loader
+        self.folder = Path(root) / self.base_folder
+        self.wnids = _read_wnids(self.folder)
+        self.class_to_idx = {wnid: i for i, wnid in enumerate(self.wnids)}
+        if split == "train":
+            try:
+                self.samples = make_dataset(
+                    str(self.folder / "train"), self.class_to_idx, extensions=(".jpeg",)
+                )
+            except FileNotFoundError as exc:  # a wnid without images
+                raise DataError(
+                    f"TinyImageNet in {self.folder / 'train'}: {exc}; {_tiny_layout(self.folder)}"
+                ) from exc
+        else:
+            self.samples = _read_val_samples(self.folder, self.class_to_idx)
+        self.targets = [label for _, label in self.samples]
+
+    def __getitem__(self, index: int) -> tuple[Any, Any]:
+        path, target = self.samples[index]
+        img = self.loader(path)
+        if self.transform is not None:
+            img = self.transform(img)
+        if self.target_transform is not None:
+            target = self.target_transform(target)
+        return img, target
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+
+def _tiny_layout(folder: Path) -> str:
+    return (
+        f"expected {folder}/ with wnids.txt, words.txt, train/<wnid>/images/*.JPEG, val/images/ and "
+        f"val/val_annotations.txt (download {_TINYIMAGENET_URL} and unzip it into {folder.parent})"
+    )
+
+
+def _read_wnids(folder: Path) -> list[str]:
+    path = folder / "wnids.txt"
+    if not path.is_file():
+        raise DataError(f"TinyImageNet not found: no {path}; {_tiny_layout(folder)}")
+    wnids = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if len(set(wnids)) != len(wnids):
+        raise DataError(f"{path} lists a wnid more than once; {_tiny_layout(folder)}")
+    return wnids
+
+
+def _read_val_samples(folder: Path, class_to_idx: dict[str, int]) -> list[tuple[str, int]]:
+    ann = folder / "val" / "val_annotations.txt"
+    images = folder / "val" / "images"
+    if not ann.is_file() or not images.is_dir():
+        raise DataError(f"TinyImageNet validation set not found in {folder / 'val'}; {_tiny_layout(folder)}")
+    samples = []
+    for n, line in enumerate(ann.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        if len(fields) < 2 or fields[1] not in class_to_idx:
+            raise DataError(f"{ann} line {n}: expected '<file>\\t<wnid from wnids.txt>\\t...', got {line!r}")
+        path = images / fields[0]
+        if not path.is_file():
+            raise DataError(f"{ann} line {n} names {path}, which does not exist; {_tiny_layout(folder)}")
+        samples.append((str(path), class_to_idx[fields[1]]))
+    return samples
+
+
+def _tiny_class_names(folder: Path, wnids: list[str]) -> list[str]:
+    """Packaged names by wnid; words.txt (first synonym) for other wnids; else the wnid itself."""
+    packaged = _tinyimagenet_names()
+    words: dict[str, str] = {}
+    if any(w not in packaged for w in wnids) and (folder / "words.txt").is_file():
+        for line in (folder / "words.txt").read_text().splitlines():
+            wnid, _, text = line.partition("\t")
+            if text.strip():
+                words[wnid.strip()] = text.split(",")[0].strip()
+    return [packaged.get(w) or words.get(w) or w for w in wnids]
+
+
+def _load_tinyimagenet(root: Path, download: bool) -> DatasetSplits:
+    folder = root / TinyImageNet.base_folder
+    if not folder.is_dir():
+        extra = " (torchvision cannot download TinyImageNet: fetch it yourself)" if download else ""
+        raise DataError(f"TinyImageNet not found: no folder {folder}{extra}; {_tiny_layout(folder)}")
+    train = TinyImageNet(root, split="train")
+    test = TinyImageNet(root, split="val")
+    standard = list(_tinyimagenet_names())
+    if len(train.wnids) == len(standard) and train.wnids != standard:
+        # Labels follow this wnids.txt; the packaged class order assumes the standard line order.
+        warnings.warn(
+            f"{folder / 'wnids.txt'} lists the 200 classes in a non-standard order, so the standard "
+            "TinyImageNet class order selects different classes; set class_order explicitly",
+            stacklevel=2,
+        )
+    return DatasetSplits(
+        name="tinyimagenet",
+        train=train,
+        test=test,
+        train_targets=_targets(train.targets),
+        test_targets=_targets(test.targets),
+        class_names=_tiny_class_names(folder, train.wnids),
+        default_class_order=default_class_order("tinyimagenet"),
+    )
+
+
+# ----------------------------------------------------------------------------------- Fashion-MNIST
+
+
+def _gzip_size(path: Path) -> int:
+    """Uncompressed size (mod 2**32) from the gzip trailer: lets a re-run skip without decompressing."""
+    with open(path, "rb") as fh:
+        fh.seek(-4, 2)
+        return struct.unpack("<I", fh.read(4))[0]
+
+
+def prepare_fashion_mnist(root: str | Path, source: str | Path = FASHION_MNIST_DEBIAN_DIR) -> Path:
+    """Decompress Debian's Fashion-MNIST ``.gz`` files into ``<root>/FashionMNIST/raw/``.
+
+    Debian recompresses the files, so their md5 differs from torchvision's list and torchvision
+    would try to download them; the decompressed idx files are what it reads. Idempotent: files
+    already decompressed (same size) are kept. Returns the raw folder.
+    """
+    source = Path(source)
+    raw = Path(root).expanduser() / "FashionMNIST" / "raw"
+    missing = [f"{n}.gz" for n in _FASHION_MNIST_FILES if not (source / f"{n}.gz").is_file()]
+    if missing:
+        raise DataError(
+            f"Fashion-MNIST source {source} lacks {', '.join(missing)}; install it with "
+            "`apt-get install dataset-fashion-mnist` or pass the folder holding the four .gz files"
+        )
+    for name in _FASHION_MNIST_FILES:
+        src, dest = source / f"{name}.gz", raw / name
+        if dest.is_file() and dest.stat().st_size % 2**32 == _gzip_size(src):
+            continue
+        with gzip.open(src, "rb") as gz:
+            # Written via a temporary file and a rename: a killed job never leaves half a file.
+            atomic_save(dest, lambda fh, gz=gz: shutil.copyfileobj(gz, fh, 1 << 20))
+    return raw
+
+
+def _load_fashion_mnist(root: Path, download: bool) -> DatasetSplits:
+    raw = root / "FashionMNIST" / "raw"
+    if not all((raw / n).is_file() for n in _FASHION_MNIST_FILES) and FASHION_MNIST_DEBIAN_DIR.is_dir():
+        prepare_fashion_mnist(root, FASHION_MNIST_DEBIAN_DIR)  # offline path, preferred over a download
+    how = (
+        f"install the Debian package (`apt-get install dataset-fashion-mnist`, found in "
+        f"{FASHION_MNIST_DEBIAN_DIR}) or set `download: true` (needs the internet)"
+    )
+    try:
+        train = FashionMNIST(str(root), train=True, download=download)
+        test = FashionMNIST(str(root), train=False, download=download)
+    except RuntimeError as exc:
+        raise DataError(f"Fashion-MNIST not found in {raw} ({exc}); {how}") from exc
+    except OSError as exc:
+        raise DataError(f"downloading Fashion-MNIST into {raw} failed ({exc}); {how}") from exc
+    return DatasetSplits(
+        name="fashion-mnist",
+        train=train,
+        test=test,
+        train_targets=train.targets.numpy().astype(np.int64),
+        test_targets=test.targets.numpy().astype(np.int64),
+        class_names=list(FashionMNIST.classes),
+        default_class_order=default_class_order("fashion-mnist"),
+    )
+
+
+# ------------------------------------------------------------------------------------- imagefolder
+
+
+def _load_imagefolder(root: Path, download: bool) -> DatasetSplits:
+    layout = (
+        f"expected {root}/train/<class>/<image> and {root}/test/<class>/<image> with the same class folders"
+    )
+    splits = {}
+    for split in ("train", "test"):
+        folder = root / split
+        if not folder.is_dir():
+            raise DataError(f"image folder dataset: no folder {folder}; {layout}")
+        try:
+            splits[split] = ImageFolder(str(folder))
+        except FileNotFoundError as exc:  # no class folders, or a class folder without images
+            raise DataError(f"image folder dataset in {folder}: {exc}; {layout}") from exc
+    train, test = splits["train"], splits["test"]
+    if train.classes != test.classes:
+        only_train = sorted(set(train.classes) - set(test.classes))
+        only_test = sorted(set(test.classes) - set(train.classes))
+        raise DataError(
+            f"image folder dataset in {root}: train and test class folders differ "
+            f"(only in train: {only_train}; only in test: {only_test}); {layout}"
+        )
+    return DatasetSplits(
+        name="imagefolder",
+        train=train,
+        test=test,
+        train_targets=_targets(train.targets),
+        test_targets=_targets(test.targets),
+        class_names=list(train.classes),
+        default_class_order=list(range(len(train.classes))),
+    )
+
+
+_LOADERS: dict[str, Callable[[Path, bool], DatasetSplits]] = {
+    "cifar100": _load_cifar100,
+    "fashion-mnist": _load_fashion_mnist,
+    "imagefolder": _load_imagefolder,
+    "tinyimagenet": _load_tinyimagenet,
+}

@@ -1,0 +1,83 @@
+"""Evaluation after a task: test images of all seen classes against prompts of all seen classes."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import ConcatDataset, Dataset
+from tqdm.auto import tqdm
+
+from .model import clip_logits, encode_image, encode_text
+from .train import make_loader
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module,
+    tokenizer,
+    dataset: Dataset,
+    class_names: list[str],
+    template: str,
+    device: torch.device,
+    batch_size: int = 256,
+    num_workers: int = 0,
+    seed: int = 0,
+    amp: bool = False,
+    progress: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Argmax predictions and labels over ``dataset`` (labels are positions in ``class_names``)."""
+    model.eval()
+    tokens = tokenizer([template.format(n) for n in class_names]).to(device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        text = encode_text(model, tokens)
+    loader = make_loader(dataset, batch_size, shuffle=False, seed=seed, num_workers=num_workers, device=device)
+    preds, labels = [], []
+    for images, y in tqdm(loader, desc="evaluate", disable=not progress, leave=False):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = clip_logits(encode_image(model, images.to(device)), text)
+        preds.append(logits.float().argmax(-1).cpu().numpy())
+        labels.append(y.numpy())
+    return np.concatenate(preds), np.concatenate(labels)
+
+
+def evaluate_seen(
+    model: nn.Module,
+    tokenizer,
+    task_sets: list[Dataset],
+    class_names: list[str],
+    cfg: dict,
+    task: int,
+    n_tasks: int,
+    device: torch.device,
+    seed: int,
+    num_workers: int = 0,
+    progress: bool = True,
+) -> dict:
+    """Accuracy row after training ``task``: R[task][j] for j <= task and the sample-weighted A_task.
+
+    Args:
+        task_sets: held-out data of tasks 0..task (labels = class-order positions).
+        class_names: names of all seen classes, by position.
+    """
+    t0 = time.perf_counter()
+    torch.manual_seed(seed)  # the faithful eval transform is a random crop: make it reproducible
+    sizes = [len(s) for s in task_sets]
+    preds, labels = predict(
+        model, tokenizer, ConcatDataset(task_sets), class_names, cfg["prompt_template"], device,
+        cfg["eval_batch_size"], num_workers, seed, cfg["precision"] == "amp_bf16", progress,
+    )
+    correct = preds == labels
+    bounds = np.cumsum([0] + sizes)
+    per_task = [float(correct[a:b].mean()) if b > a else float("nan") for a, b in zip(bounds[:-1], bounds[1:])]
+    return {
+        "task": task,
+        "n_tasks": n_tasks,
+        "accuracy_per_task": per_task,
+        "n_samples_per_task": sizes,
+        "accuracy": float(correct.mean()) if len(correct) else float("nan"),
+        "n_samples": int(len(correct)),
+        "seconds": time.perf_counter() - t0,
+    }

@@ -1,0 +1,535 @@
+"""Experiment planning for the Snakemake workflow.
+
+A workflow config names *experiments*. Each experiment expands its axes (datasets, splits,
+methods plus ablations, hyperparameter grid, seeds) into runs. A run is one continual-learning
+sequence: one folder ``results/<experiment>/runs/<run_id>`` whose ``run_id`` is made of readable
+``key~value`` parts, e.g. ``dataset~cifar100/split~10-10/method~dmnsp/LAMBDA_SCALE~30/seed~0``.
+
+Everything here is pure and cheap: no data is read, the number of tasks comes from the class
+count and the split, and every run config is validated with :func:`dmnsp.config.validate` so a bad
+value stops planning with the key named.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import json
+import re
+import shlex
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .config import ConfigError, config_hash, set_dotted, validate
+
+# Experiment axes and the run key each one sets (splits set initial_increment and increment).
+AXES = {"datasets": "dataset", "methods": "method", "seeds": "seed"}
+SPLIT_KEYS = ("initial_increment", "increment")
+
+# Ablations of method.md section 7: variants of the dmnsp method, one switch each.
+ABLATIONS: dict[str, dict[str, Any]] = {
+    "towers-both": {"projection.towers": "both"},
+    "layers-single": {"projection.layers": "single"},
+    "lambda-fixed": {"projection.lambda": "fixed"},
+    "basis-orthonormal": {"projection.basis": "orthonormal"},
+    "mode-clean": {"projection.mode": "clean"},
+}
+
+# Run keys only training reads (zeroshot never trains) and keys only the projection reads
+# (finetune trains without it). Runs of a method are never duplicated over keys it ignores.
+TRAINING_KEYS = frozenset(
+    {
+        "batch_size",
+        "epochs",
+        "lr",
+        "weight_decay",
+        "ls",
+        "warmup_steps",
+        "max_steps",
+        "max_train_per_class",
+        "adapter_dim",
+        "adapter_scale",
+        "adapter_dropout",
+    }
+)
+PROJECTION_KEYS = frozenset(
+    {
+        "TOP_SELECT",
+        "TOP_K_RATIO",
+        "LAMBDA_SCALE",
+        "projection.towers",
+        "projection.layers",
+        "projection.lambda",
+        "projection.basis",
+        "projection.energy_threshold",
+    }
+)
+UNUSED_KEYS: dict[str, frozenset] = {
+    "zeroshot": TRAINING_KEYS | PROJECTION_KEYS,
+    "finetune": PROJECTION_KEYS,
+    "dmnsp": frozenset(),
+}
+
+# Run keys the pretraining of a small CLIP depends on (dmnsp pretrain); everything else (method,
+# seed, training and projection settings, the split) is shared by one pretrained checkpoint.
+PRETRAIN_KEYS = frozenset(
+    {
+        "dataset",
+        "dataset_root",
+        "download",
+        "max_test_per_class",
+        "pretrain_per_class",
+        "data_seed",
+        "model_name",
+        "cache_dir",
+        "precision",
+        "prompt_template",
+        "device",
+        "num_workers",
+        "threads",
+    }
+)
+PRETRAIN_PREFIX = "pretrain."
+PRETRAIN_DIR = "results/pretrained"
+
+# Resource table: rows apply in order, a later matching row overrides earlier ones.
+RESOURCE_KEYS = ("mem_mb", "runtime", "threads", "gpu")
+DEFAULT_RESOURCES = {"mem_mb": 2000, "runtime": 60, "threads": 1, "gpu": 0}
+SELECTOR_KEYS = ("rule", "dataset", "model_name")
+
+_SPLIT_RE = re.compile(r"^([0-9]+)-([0-9]+)$")
+_UNSAFE = re.compile(r"[^A-Za-z0-9._+-]")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One planned run.
+
+    Attributes:
+        experiment: experiment name (first folder under ``results/``).
+        run_id: ``key~value`` path below ``results/<experiment>/runs/``.
+        label: readable name of the run's group (everything but the seed).
+        settings: run-config overrides (flat, dotted keys) given to ``prepare-run``; validated.
+        swept: the subset of ``settings`` that varies across the experiment's runs.
+        n_tasks: number of tasks (one ``train_task`` job each).
+        dataset: dataset name (for the resource table).
+        model_name: open_clip model name (for the resource table).
+        pretrain_id: folder of the pretrained checkpoint under ``results/pretrained/``, or None.
+    """
+
+    experiment: str
+    run_id: str
+    label: str
+    settings: dict
+    swept: dict
+    n_tasks: int
+    dataset: str
+    model_name: str
+    pretrain_id: str | None = None
+
+    @property
+    def run_dir(self) -> str:
+        return f"results/{self.experiment}/runs/{self.run_id}"
+
+
+@dataclass(frozen=True)
+class PretrainSpec:
+    """One pretraining job shared by every run whose pretraining settings match."""
+
+    pretrain_id: str
+    settings: dict
+    dataset: str
+    model_name: str
+
+    @property
+    def model_path(self) -> str:
+        return f"{PRETRAIN_DIR}/{self.pretrain_id}/model.pt"
+
+
+@dataclass
+class Plan:
+    """Every run and pretraining job of a workflow config."""
+
+    runs: dict[tuple[str, str], RunSpec] = field(default_factory=dict)
+    experiments: dict[str, list[RunSpec]] = field(default_factory=dict)
+    expected_seeds: dict[str, int] = field(default_factory=dict)
+    pretrains: dict[str, PretrainSpec] = field(default_factory=dict)
+
+    def run(self, experiment: str, run_id: str) -> RunSpec:
+        try:
+            return self.runs[(experiment, run_id)]
+        except KeyError:
+            raise ConfigError(f"no run '{run_id}' in experiment '{experiment}' of this config") from None
+
+
+# ---------------------------------------------------------------------------------------- helpers
+
+
+def flatten(cfg: Mapping[str, Any], prefix: str = "") -> dict:
+    """``{"projection": {"mode": "clean"}}`` → ``{"projection.mode": "clean"}`` (lists stay values)."""
+    out: dict = {}
+    for key, value in cfg.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            out.update(flatten(value, f"{name}."))
+        elif isinstance(value, Mapping):
+            continue
+        else:
+            out[name] = value
+    return out
+
+
+def unflatten(flat: Mapping[str, Any]) -> dict:
+    """Inverse of :func:`flatten`."""
+    out: dict = {}
+    for key, value in flat.items():
+        set_dotted(out, key, copy.deepcopy(value))
+    return out
+
+
+def format_value(value: Any) -> str:
+    """A path-safe, readable rendering of a setting's value (``30``, ``0.001``, ``clean``)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        text = _UNSAFE.sub("_", value).strip("._") or "_"
+        return text[:60]
+    digest = hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return f"{type(value).__name__}-{digest}"
+
+
+def cli_value(value: Any) -> str:
+    """Render a value so that ``yaml.safe_load`` gives it back unchanged (for ``--set k=v``)."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=1 << 30, allow_unicode=True)
+    text = text.removesuffix("\n").removesuffix("\n...")
+    return text
+
+
+def cli_settings(option: str, settings: Mapping[str, Any]) -> str:
+    """Shell-quoted ``--option key=value`` arguments for every setting (sorted by key)."""
+    return " ".join(f"{option} {shlex.quote(f'{k}={cli_value(v)}')}" for k, v in sorted(settings.items()))
+
+
+def parse_split(split: Any) -> tuple[int, int]:
+    """``"10-10"`` → ``(10, 10)``; raises :class:`ConfigError` naming ``splits``."""
+    match = _SPLIT_RE.match(str(split))
+    if not match or int(match.group(1)) < 1 or int(match.group(2)) < 1:
+        raise ConfigError(
+            f"'splits': {split!r} is not a split; write 'INITIAL-INCREMENT' with positive numbers, e.g. '10-10'"
+        )
+    return int(match.group(1)), int(match.group(2))
+
+
+@cache
+def _class_order_file(path: str) -> int:
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"'class_order': file {path} does not exist")
+    data = yaml.safe_load(file.read_text())
+    order = data.get("class_order") if isinstance(data, dict) else data
+    if not isinstance(order, list):
+        raise ConfigError(f"'class_order': {path} must hold a list or a mapping with a 'class_order' list")
+    return len(order)
+
+
+def class_count(cfg: Mapping[str, Any], num_classes: int | None = None) -> int:
+    """Number of classes a run sees, without touching the data.
+
+    Args:
+        cfg: a validated run config.
+        num_classes: the experiment's ``num_classes`` (needed for ``imagefolder`` without a list).
+
+    Returns:
+        Length of an explicit class order, else ``num_classes``, else the dataset's class count.
+    """
+    from .datasets import NUM_CLASSES
+
+    order = cfg.get("class_order")
+    if isinstance(order, list):
+        return len(order)
+    if isinstance(order, str):
+        return _class_order_file(order)
+    if num_classes is not None:
+        return int(num_classes)
+    dataset = cfg["dataset"]
+    if dataset not in NUM_CLASSES:
+        raise ConfigError(
+            f"'class_order': dataset {dataset!r} has no fixed class count; give class_order as a list "
+            "or set the experiment's num_classes"
+        )
+    return int(NUM_CLASSES[dataset])
+
+
+def task_count(cfg: Mapping[str, Any], num_classes: int | None = None) -> int:
+    """Number of tasks of a validated run config (``dmnsp.scenario.num_tasks``), no data access."""
+    from .scenario import num_tasks
+
+    n_classes = class_count(cfg, num_classes)
+    initial, increment = cfg["initial_increment"], cfg["increment"]
+    if initial > n_classes:
+        raise ConfigError(
+            f"'splits': initial_increment {initial} exceeds the {n_classes} classes of {cfg['dataset']!r}"
+        )
+    try:
+        return int(num_tasks(n_classes, initial, increment))
+    except ValueError as exc:
+        raise ConfigError(f"'splits': {initial}-{increment} does not fit {n_classes} classes: {exc}") from exc
+
+
+def resources_for(
+    table: Iterable[Mapping[str, Any]] | None, rule: str, dataset: str | None = None, model_name: str | None = None
+) -> dict:
+    """Resources of one job from the config's resource table.
+
+    Args:
+        table: rows with optional selectors ``rule``, ``dataset``, ``model_name`` (a value or a
+            list of values) and any of ``mem_mb``, ``runtime`` (minutes), ``threads``, ``gpu``.
+            Every matching row applies in order, so later rows override earlier ones.
+        rule: the rule name.
+        dataset: the job's dataset, if any.
+        model_name: the job's model, if any.
+
+    Returns:
+        ``{"mem_mb", "runtime", "threads", "gpu"}`` with the defaults filled in.
+    """
+    out = dict(DEFAULT_RESOURCES)
+    wanted = {"rule": rule, "dataset": dataset, "model_name": model_name}
+    for row in table or ():
+        unknown = set(row) - set(SELECTOR_KEYS) - set(RESOURCE_KEYS)
+        if unknown:
+            raise ConfigError(f"'resources': unknown key(s) {sorted(unknown)}; use {SELECTOR_KEYS + RESOURCE_KEYS}")
+        if all(_selects(row.get(key), wanted[key]) for key in SELECTOR_KEYS):
+            out.update({key: row[key] for key in RESOURCE_KEYS if key in row})
+    return out
+
+
+def _selects(selector: Any, value: Any) -> bool:
+    if selector is None:
+        return True
+    if isinstance(selector, (list, tuple)):
+        return value in selector
+    return selector == value
+
+
+# ------------------------------------------------------------------------------------ expansion
+
+
+def _axis(spec: Mapping, base: Mapping, axis: str, default: Any) -> list:
+    key = AXES[axis]
+    values = spec.get(axis)
+    if values is None:
+        return [base.get(key, default)]
+    if key in base:
+        raise ConfigError(f"'{key}' is set in 'run' and swept by '{axis}'; keep one of them")
+    if not isinstance(values, list) or not values:
+        raise ConfigError(f"'{axis}' must be a non-empty list")
+    if len(set(map(repr, values))) != len(values):
+        raise ConfigError(f"'{axis}' lists a value twice: {values}")
+    return list(values)
+
+
+def _splits(spec: Mapping, base: Mapping) -> list[tuple[int, int]]:
+    splits = spec.get("splits")
+    if splits is None:
+        return [(base.get("initial_increment", 2), base.get("increment", 2))]
+    for key in SPLIT_KEYS:
+        if key in base:
+            raise ConfigError(f"'{key}' is set in 'run' and swept by 'splits'; keep one of them")
+    if not isinstance(splits, list) or not splits:
+        raise ConfigError("'splits' must be a non-empty list such as ['10-10']")
+    parsed = [parse_split(s) for s in splits]
+    if len(set(parsed)) != len(parsed):
+        raise ConfigError(f"'splits' lists a split twice: {splits}")
+    return parsed
+
+
+def _grid(spec: Mapping) -> dict[str, list]:
+    grid = flatten(spec.get("grid") or {})
+    for key, values in grid.items():
+        if key in AXES.values() or key in SPLIT_KEYS:
+            axis = "splits" if key in SPLIT_KEYS else next(a for a, k in AXES.items() if k == key)
+            raise ConfigError(f"'grid.{key}': sweep it with the experiment's '{axis}' list instead")
+        if "~" in key or "/" in key:
+            raise ConfigError(f"'grid.{key}': key names may not contain '~' or '/'")
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"'grid.{key}' must be a non-empty list of values, got {values!r}")
+        rendered = [format_value(v) for v in values]
+        if len(set(rendered)) != len(rendered):
+            raise ConfigError(f"'grid.{key}': values {values} are not distinct once written into paths")
+    return grid
+
+
+def _variants(spec: Mapping, methods: list, grid: Mapping) -> list[tuple[str, str | None]]:
+    out = [(method, None) for method in methods]
+    ablations = spec.get("ablations") or []
+    if len(set(ablations)) != len(ablations):
+        raise ConfigError(f"'ablations' lists an ablation twice: {ablations}")
+    for name in ablations:
+        if name not in ABLATIONS:
+            raise ConfigError(f"'ablations': {name!r} is not one of {sorted(ABLATIONS)}")
+        clash = set(ABLATIONS[name]) & set(grid)
+        if clash:
+            raise ConfigError(f"'grid.{sorted(clash)[0]}' conflicts with ablation {name!r}; drop one of them")
+        out.append(("dmnsp", name))
+    if not out:
+        raise ConfigError("'methods': the experiment has neither methods nor ablations")
+    return out
+
+
+def _validated(settings: Mapping[str, Any]) -> dict:
+    return validate(unflatten(settings))
+
+
+def pretrain_spec(cfg: Mapping[str, Any], settings: Mapping[str, Any]) -> PretrainSpec:
+    """The pretraining job a run depends on: its settings are the run's pretraining keys only.
+
+    The folder name carries the model, the dataset and a hash of the validated pretraining
+    config, so one checkpoint serves every run that agrees on those keys and a changed setting
+    gives a new folder (and a new job).
+    """
+    if cfg["pretrain_per_class"] < 1:
+        raise ConfigError("'pretrain_per_class' must be at least 1 when the experiment sets pretrain_first")
+    if "pretrained" in settings:
+        raise ConfigError("'pretrained' is set, but pretrain_first makes the workflow pretrain the model; drop one")
+    pre = {k: v for k, v in settings.items() if k in PRETRAIN_KEYS or k.startswith(PRETRAIN_PREFIX)}
+    pre["pretrained"] = None
+    resolved = _validated(pre)
+    digest = config_hash(resolved)
+    pretrain_id = f"{format_value(resolved['model_name'])}_{format_value(resolved['dataset'])}_{digest}"
+    return PretrainSpec(pretrain_id, pre, resolved["dataset"], resolved["model_name"])
+
+
+def expand_experiment(
+    name: str, spec: Mapping[str, Any], shared: Mapping[str, Any] | None = None
+) -> tuple[list[RunSpec], dict[str, PretrainSpec]]:
+    """Expand one experiment into its runs.
+
+    Args:
+        name: experiment name (a folder name).
+        spec: the experiment mapping of the workflow config (``datasets``, ``splits``, ``methods``,
+            ``ablations``, ``seeds``, ``grid``, ``run``, ``pretrain_first``, ``num_classes``).
+        shared: run keys shared by every experiment (the workflow config's top-level ``run``).
+
+    Returns:
+        The runs (datasets × splits × method variants × grid of the keys each method uses ×
+        seeds) and the pretraining jobs they need, keyed by folder.
+
+    Raises:
+        ConfigError: naming the experiment, the run and the offending key.
+    """
+    try:
+        return _expand(name, spec, shared or {})
+    except ConfigError as exc:
+        raise ConfigError(f"experiment '{name}': {exc}") from None
+
+
+def _expand(name: str, spec: Mapping, shared: Mapping) -> tuple[list[RunSpec], dict[str, PretrainSpec]]:
+    base = flatten(shared)
+    base.update(flatten(spec.get("run") or {}))
+    datasets = _axis(spec, base, "datasets", "fashion-mnist")
+    splits = _splits(spec, base)
+    methods = _axis(spec, base, "methods", "dmnsp") if spec.get("methods") != [] else []
+    seeds = _axis(spec, base, "seeds", 0)
+    grid = _grid(spec)
+    variants = _variants(spec, methods, grid)
+    fixed = {k: v for k, v in base.items() if k not in AXES.values() and k not in SPLIT_KEYS}
+    pretrain_first = bool(spec.get("pretrain_first", False))
+    num_classes = spec.get("num_classes")
+
+    runs: list[RunSpec] = []
+    pretrains: dict[str, PretrainSpec] = {}
+    for dataset, (initial, increment), (method, ablation) in itertools.product(datasets, splits, variants):
+        unused = UNUSED_KEYS.get(method, frozenset())
+        keys = [k for k in grid if k not in unused]
+        for combo in itertools.product(*(grid[k] for k in keys)):
+            point = dict(zip(keys, combo, strict=True))
+            for seed in seeds:
+                settings = {k: v for k, v in fixed.items() if k not in unused}
+                swept = {"dataset": dataset, "initial_increment": initial, "increment": increment, "method": method}
+                swept.update(ABLATIONS.get(ablation, {}))
+                swept.update(point)
+                swept["seed"] = seed
+                settings.update(swept)
+                parts = [f"dataset~{format_value(dataset)}", f"split~{initial}-{increment}", f"method~{method}"]
+                if ablation:
+                    parts.append(f"ablation~{ablation}")
+                parts += [f"{k}~{format_value(v)}" for k, v in point.items()]
+                parts.append(f"seed~{format_value(seed)}")
+                run_id = "/".join(parts)
+                try:
+                    cfg = _validated(settings)
+                    pre = None
+                    if pretrain_first:
+                        pre = pretrain_spec(cfg, settings)
+                        pretrains[pre.pretrain_id] = pre
+                        settings["pretrained"] = pre.model_path
+                        cfg = _validated(settings)
+                    n_tasks = task_count(cfg, num_classes)
+                except ConfigError as exc:
+                    raise ConfigError(f"run '{run_id}': {exc}") from None
+                label = _label(method, ablation, point, dataset, (initial, increment), datasets, splits)
+                runs.append(
+                    RunSpec(
+                        experiment=name,
+                        run_id=run_id,
+                        label=label,
+                        settings=settings,
+                        swept=swept,
+                        n_tasks=n_tasks,
+                        dataset=cfg["dataset"],
+                        model_name=cfg["model_name"],
+                        pretrain_id=pre.pretrain_id if pre else None,
+                    )
+                )
+    return runs, pretrains
+
+
+def _label(method, ablation, point, dataset, split, datasets, splits) -> str:
+    words = []
+    if len(datasets) > 1:
+        words.append(str(dataset))
+    if len(splits) > 1:
+        words.append(f"{split[0]}-{split[1]}")
+    words.append(method if not ablation else f"{method}[{ablation}]")
+    words += [f"{k}={v}" for k, v in point.items()]
+    return " ".join(words)
+
+
+def expand_all(config: Mapping[str, Any]) -> Plan:
+    """Expand every experiment of a (schema-validated) workflow config.
+
+    Args:
+        config: the workflow config (``experiments``, optional shared ``run``).
+
+    Returns:
+        A :class:`Plan` with every run, keyed by ``(experiment, run_id)``, and the pretraining jobs.
+
+    Raises:
+        ConfigError: on the first invalid experiment or run, naming the key.
+    """
+    experiments = config.get("experiments") or {}
+    if not experiments:
+        raise ConfigError("'experiments': the config names no experiment")
+    plan = Plan()
+    for name, spec in experiments.items():
+        if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$", str(name)) or name == "pretrained":
+            raise ConfigError(
+                f"'experiments': {name!r} is not a valid experiment name (letters, digits, '_.+-'; not 'pretrained')"
+            )
+        runs, pretrains = expand_experiment(name, spec or {}, config.get("run"))
+        plan.experiments[name] = runs
+        plan.expected_seeds[name] = len((spec or {}).get("seeds") or [None])
+        for run in runs:
+            plan.runs[(name, run.run_id)] = run
+        plan.pretrains.update(pretrains)
+    return plan

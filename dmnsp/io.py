@@ -1,0 +1,60 @@
+"""Atomic file writes: a job killed at any moment leaves the old file or the new one, never half."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+class OutputError(OSError):
+    """An output could not be written (unwritable folder, disk full); names the path and the fix."""
+
+
+def _atomic(path: str | Path, write: Callable[[Any], None], mode: str) -> Path:
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise OutputError(
+            exc.errno, f"cannot write into {path.parent}: {exc.strerror}; make the folder writable or choose another output path"
+        ) from exc
+    try:
+        with os.fdopen(fd, mode) as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise OutputError(
+            exc.errno, f"writing {path} failed ({exc.strerror}); free disk space or choose another output path"
+        ) from exc
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write text to ``path`` via a temporary file in the same folder and a rename."""
+    return _atomic(path, lambda fh: fh.write(text), "w")
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write bytes to ``path`` atomically."""
+    return _atomic(path, lambda fh: fh.write(data), "wb")
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> Path:
+    """Write JSON (indented, NaN/inf kept as JSON5-style literals are avoided: use None)."""
+    return atomic_write_text(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
+
+
+def atomic_save(path: str | Path, save: Callable[[Any], None]) -> Path:
+    """Run ``save(fileobj)`` (e.g. ``lambda f: torch.save(obj, f)``) atomically."""
+    return _atomic(path, save, "wb")

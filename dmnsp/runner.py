@@ -1,0 +1,150 @@
+"""A run in one process: config → data/scenario → model → per-task train + evaluate → state.
+
+The same :meth:`Session.run_task` serves ``dmnsp run`` (all tasks in one process) and the
+per-task jobs of the workflow (``dmnsp train-task``, resuming from the previous checkpoint); each
+task reseeds from (seed, task), so both paths give bitwise-identical results on CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from .adapters import adapter_state_dict, load_adapter_state_dict
+from .checkpoint import TaskState, load_checkpoint, save_checkpoint
+from .datasets import load_dataset
+from .devices import pick_device
+from .evaluate import evaluate_seen
+from .io import atomic_write_json
+from .model import create_clip
+from .scenario import TaskDataset, build_scenario
+from .train import derive_seed, peak_memory_mb, train_task
+
+
+def _num_workers(spec: int | str) -> int:
+    if spec != "auto":
+        return int(spec)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    # Tiny images decode in microseconds: extra processes only pay off with spare cores.
+    return 0 if cores <= 2 else min(8, cores - 1)
+
+
+class Session:
+    """Data, scenario and model of one run configuration, built once per process."""
+
+    def __init__(self, cfg: dict, progress: bool = True) -> None:
+        self.cfg = cfg
+        self.progress = progress
+        if cfg["threads"]:
+            torch.set_num_threads(cfg["threads"])
+        self.device = pick_device(cfg["device"])
+        self.num_workers = _num_workers(cfg["num_workers"])
+        self.data = load_dataset(cfg["dataset"], cfg["dataset_root"], cfg["download"])
+        self.scenario = build_scenario(self.data, cfg)
+        self.n_tasks = len(self.scenario.tasks)
+        self.bundle = create_clip(
+            cfg["model_name"], cfg["pretrained"], cache_dir=cfg["cache_dir"], device=self.device,
+            seed=derive_seed(cfg["seed"], "init"), adapter_dim=cfg["adapter_dim"],
+            adapter_scale=cfg["adapter_scale"], adapter_dropout=cfg["adapter_dropout"],
+        )
+        self.initial_adapters = adapter_state_dict(self.bundle.model)
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.bundle.model
+
+    def _heldout(self, t: int) -> TaskDataset:
+        sc = self.scenario
+        tf = self.bundle.train_transform if self.cfg["eval_transform"] == "train" else self.bundle.eval_transform
+        if self.cfg["evaluate_on"] == "val":
+            return TaskDataset(self.data.train, sc.val_indices[t], sc.label_map, tf)
+        return TaskDataset(self.data.test, sc.test_indices[t], sc.label_map, tf)
+
+    def _train_set(self, t: int) -> TaskDataset:
+        sc = self.scenario
+        local = {orig: i for i, orig in enumerate(sc.tasks[t])}  # task-local targets, as the reference shifts them
+        return TaskDataset(self.data.train, sc.train_indices[t], local, self.bundle.train_transform)
+
+    def run_task(self, t: int, state: TaskState) -> tuple[TaskState, dict, dict]:
+        """Train task ``t`` from ``state`` (the state after task t-1), then evaluate.
+
+        Returns:
+            ``(new_state, eval_row, diagnostics)``.
+        """
+        if state.task != t - 1:
+            raise ValueError(f"task {t} must resume from the state after task {t - 1}, got task {state.task}")
+        if not 0 <= t < self.n_tasks:
+            raise ValueError(f"task {t} does not exist: this scenario has tasks 0..{self.n_tasks - 1}")
+        cfg, sc = self.cfg, self.scenario
+        load_adapter_state_dict(self.model, state.adapters if t > 0 else self.initial_adapters)
+        bases = {k: [v.to(self.device) for v in vs] for k, vs in state.bases.items()}
+        if cfg["method"] == "zeroshot":
+            diag = {"task": t, "steps": 0, "lambda": None, "basis_columns": {},
+                    "inf_fraction_exp_avg_sq": {"visual": 0.0, "text": 0.0},
+                    "update_norm": {"visual": 0.0, "text": 0.0}, "loss": None,
+                    "seconds": {"train": 0.0, "lambda": 0.0, "basis": 0.0}}
+        else:
+            names = [sc.class_names[sc.label_map[c]] for c in sc.tasks[t]]
+            bases, diag = train_task(
+                self.model, self.bundle.tokenizer, self._train_set(t), names, cfg, t, bases, self.device,
+                self.num_workers, self.progress,
+            )
+        seen = sc.seen_classes(t)
+        row = evaluate_seen(
+            self.model, self.bundle.tokenizer, [self._heldout(j) for j in range(t + 1)],
+            [sc.class_names[i] for i in seen], cfg, t, self.n_tasks, self.device,
+            derive_seed(cfg["seed"], t, "eval"), self.num_workers, self.progress,
+        )
+        diag["seconds"]["eval"] = row["seconds"]
+        diag["peak_mem_mb"] = row["peak_mem_mb"] = peak_memory_mb(self.device)
+        new_state = TaskState(t, adapter_state_dict(self.model), bases, list(seen))
+        return new_state, row, diag
+
+
+def write_task_outputs(out_dir: str | Path, state: TaskState, row: dict, diag: dict, cfg: dict) -> None:
+    """One task's folder: eval.json, diagnostics.json, then checkpoint.pt (last, so its presence means done)."""
+    out = Path(out_dir)
+    atomic_write_json(out / "eval.json", row)
+    atomic_write_json(out / "diagnostics.json", diag)
+    save_checkpoint(out / "checkpoint.pt", state, cfg)
+
+
+def run_one_task(cfg: dict, task: int, resume: str | Path | None, out_dir: str | Path, progress: bool = True) -> dict:
+    """``dmnsp train-task``: resume from task-1's checkpoint, train and evaluate task, write its folder."""
+    if task > 0 and resume is None:
+        raise ValueError(f"task {task} needs --resume with the checkpoint of task {task - 1}")
+    # Check the checkpoint before the (slow) model and data build.
+    state = load_checkpoint(resume, cfg, expect_task=task - 1) if task > 0 else TaskState()
+    session = Session(cfg, progress)
+    state, row, diag = session.run_task(task, state)
+    write_task_outputs(out_dir, state, row, diag, cfg)
+    return row
+
+
+def run_all(
+    cfg: dict,
+    out_dir: str | Path | None = None,
+    on_task_end: Callable[[int, dict, dict], None] | None = None,
+    progress: bool = True,
+    session: Session | None = None,
+) -> list[dict]:
+    """``dmnsp run``: every task in one process. ``on_task_end(t, row, diag)`` may raise to stop early
+    (the search's pruner does). Writes the same per-task folders as the workflow when ``out_dir`` is set.
+    """
+    t0 = time.perf_counter()
+    session = session or Session(cfg, progress)
+    state, rows = TaskState(), []
+    for t in range(session.n_tasks):
+        state, row, diag = session.run_task(t, state)
+        rows.append(row)
+        if out_dir is not None:
+            write_task_outputs(Path(out_dir) / f"task{t}", state, row, diag, cfg)
+        if on_task_end is not None:
+            on_task_end(t, row, diag)
+    if rows:
+        rows[-1]["run_seconds"] = time.perf_counter() - t0
+    return rows

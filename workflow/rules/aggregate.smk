@@ -1,0 +1,66 @@
+# Tables and plots of one experiment (every run, seeds averaged), captioned for the HTML report.
+
+
+rule aggregate_results:
+    input:
+        metrics=get_experiment_metrics,
+    output:
+        summary_md=report(
+            "results/{experiment}/tables/summary.md",
+            caption="../report/summary.rst",
+            category="{experiment}",
+            subcategory="Tables",
+        ),
+        summary_csv=report(
+            "results/{experiment}/tables/summary.csv",
+            caption="../report/summary.rst",
+            category="{experiment}",
+            subcategory="Tables",
+        ),
+        summary_tex=report(
+            "results/{experiment}/tables/summary.tex",
+            caption="../report/summary_tex.rst",
+            category="{experiment}",
+            subcategory="Tables",
+        ),
+        runs_csv=report(
+            "results/{experiment}/tables/runs.csv",
+            caption="../report/runs.rst",
+            category="{experiment}",
+            subcategory="Tables",
+        ),
+        hyper_csv=report(
+            "results/{experiment}/tables/hyperparameters.csv",
+            caption="../report/hyperparameters.rst",
+            category="{experiment}",
+            subcategory="Hyperparameters",
+        ),
+        hyper_md=report(
+            "results/{experiment}/tables/hyperparameters.md",
+            caption="../report/hyperparameters.rst",
+            category="{experiment}",
+            subcategory="Hyperparameters",
+        ),
+        plots=report(
+            directory("results/{experiment}/plots"),
+            patterns=["{name}.png"],
+            caption="../report/plots.rst",
+            category="{experiment}",
+            subcategory="Plots",
+        ),
+    params:
+        runs=get_run_dirs,
+        expected_seeds=get_expected_seeds,
+    log:
+        "results/{experiment}/logs/aggregate_results.log",
+    benchmark:
+        "results/{experiment}/benchmarks/aggregate_results.tsv"
+    threads: 1
+    resources:
+        mem_mb=job_resource("aggregate_results", "mem_mb"),
+        runtime=job_resource("aggregate_results", "runtime"),
+    conda:
+        "../envs/dmnsp.yaml"
+    shell:
+        "python -m dmnsp report-artifacts --runs {params.runs} --tables-dir $(dirname {output.summary_csv})"
+        " --plots-dir {output.plots} --expected-seeds {params.expected_seeds} > {log} 2>&1"

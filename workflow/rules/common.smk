@@ -1,0 +1,188 @@
+# Planning: expand the validated config into runs once, then answer every input function from
+# that plan by dictionary lookup (no file reads per job). The logic lives in dmnsp.experiments.
+
+import os
+from functools import cache
+
+from snakemake.exceptions import WorkflowError
+
+from dmnsp.config import ConfigError
+from dmnsp.experiments import cli_settings, expand_all, resources_for
+
+try:
+    PLAN = expand_all(config)
+except ConfigError as exc:
+    raise WorkflowError(f"invalid workflow config: {exc}") from None
+
+RESOURCE_TABLE = config.get("resources", [])
+
+
+wildcard_constraints:
+    experiment=r"[A-Za-z0-9][A-Za-z0-9_.+-]*",
+    run=r"[^/~]+~[^/]+(/[^/~]+~[^/]+)*",
+    task=r"[0-9]+",
+    pretrain_id=r"[^/]+",
+
+
+# ------------------------------------------------------------------------------- targets
+
+
+def get_final_outputs():
+    """Every experiment's tables and plots (the report of the aggregate rule)."""
+    return expand(
+        [
+            "results/{experiment}/tables/summary.csv",
+            "results/{experiment}/tables/hyperparameters.csv",
+            "results/{experiment}/plots",
+        ],
+        experiment=list(PLAN.experiments),
+    )
+
+
+# ------------------------------------------------------------------------------- lookups
+
+
+def get_run(wildcards):
+    """The planned run behind the {experiment}/{run} wildcards."""
+    try:
+        return PLAN.run(wildcards.experiment, wildcards.run)
+    except ConfigError as exc:
+        raise WorkflowError(str(exc)) from None
+
+
+def get_pretrain(wildcards):
+    try:
+        return PLAN.pretrains[wildcards.pretrain_id]
+    except KeyError:
+        raise WorkflowError(f"no pretraining '{wildcards.pretrain_id}' in this config") from None
+
+
+def get_run_dir(wildcards):
+    return f"results/{wildcards.experiment}/runs/{wildcards.run}"
+
+
+# ------------------------------------------------------------------------------- params
+
+
+def get_run_settings(wildcards):
+    """--set arguments for the settings every run of the group shares."""
+    run = get_run(wildcards)
+    fixed = {k: v for k, v in run.settings.items() if k not in run.swept}
+    return cli_settings("--set", fixed)
+
+
+def get_run_swept(wildcards):
+    """--sweep arguments for the settings that vary across the experiment (recorded in run.json)."""
+    return cli_settings("--sweep", get_run(wildcards).swept)
+
+
+def get_run_label(wildcards):
+    from shlex import quote
+
+    return quote(get_run(wildcards).label)
+
+
+def get_pretrain_settings(wildcards):
+    return cli_settings("--set", get_pretrain(wildcards).settings)
+
+
+def get_resume_option(wildcards, input):
+    """--resume from the previous task's checkpoint (absent for task 0)."""
+    return f"--resume {input.resume}" if "resume" in input.keys() else ""
+
+
+def get_run_dirs(wildcards, input):
+    """Run folders of an experiment, from its metrics files."""
+    return " ".join(os.path.dirname(path) for path in input.metrics)
+
+
+def get_expected_seeds(wildcards):
+    return PLAN.expected_seeds[wildcards.experiment]
+
+
+def get_run_base(wildcards):
+    """Empty base config for prepare-run (every setting arrives with --set/--sweep)."""
+    return os.path.join(workflow.basedir, "workflow", "run-base.yaml")
+
+
+# ------------------------------------------------------------------------------- inputs
+
+
+def get_train_task_input(wildcards):
+    """The run config, the previous task's checkpoint and the pretrained model, when any."""
+    run = get_run(wildcards)
+    task = int(wildcards.task)
+    if task >= run.n_tasks:
+        raise WorkflowError(f"run {run.run_dir} has {run.n_tasks} tasks; task {task} does not exist")
+    run_dir = get_run_dir(wildcards)
+    inputs = {"config": f"{run_dir}/config.yaml"}
+    if task > 0:
+        inputs["resume"] = f"{run_dir}/task{task - 1}/checkpoint.pt"
+    if run.pretrain_id:
+        inputs["pretrained"] = PLAN.pretrains[run.pretrain_id].model_path
+    return inputs
+
+
+def get_metrics_input(wildcards):
+    """Evaluation files of every task of a run."""
+    run = get_run(wildcards)
+    run_dir = get_run_dir(wildcards)
+    return {
+        "config": f"{run_dir}/config.yaml",
+        "evals": [f"{run_dir}/task{t}/eval.json" for t in range(run.n_tasks)],
+    }
+
+
+def get_experiment_metrics(wildcards):
+    """metrics.json of every run of an experiment."""
+    try:
+        runs = PLAN.experiments[wildcards.experiment]
+    except KeyError:
+        raise WorkflowError(f"no experiment '{wildcards.experiment}' in this config") from None
+    return [f"{run.run_dir}/metrics.json" for run in runs]
+
+
+# ------------------------------------------------------------------------------- outputs
+
+
+def checkpoint_output(path):
+    """Task checkpoints are temporary unless keep_checkpoints is set."""
+    return path if config.get("keep_checkpoints", True) else temp(path)
+
+
+# ------------------------------------------------------------------------------- resources
+
+
+@cache
+def _job_resources(rule, key):
+    """Resources of one job, keyed by (rule, experiment, run) or (rule, pretrain id)."""
+    if rule == "pretrain_model":
+        spec = PLAN.pretrains[key[0]]
+        dataset, model, own_threads = spec.dataset, spec.model_name, spec.settings.get("threads")
+    elif rule == "aggregate_results":
+        first = PLAN.experiments[key[0]][0]
+        dataset, model, own_threads = first.dataset, first.model_name, None
+    else:
+        run = PLAN.run(*key)
+        dataset, model, own_threads = run.dataset, run.model_name, run.settings.get("threads")
+    out = resources_for(RESOURCE_TABLE, rule, dataset, model)
+    if rule in ("pretrain_model", "train_task") and own_threads:
+        out["threads"] = own_threads
+    return out
+
+
+def _job_key(rule, wildcards):
+    if rule == "pretrain_model":
+        return (wildcards.pretrain_id,)
+    if rule == "aggregate_results":
+        return (wildcards.experiment,)
+    return (wildcards.experiment, wildcards.run)
+
+
+def job_resource(rule, name):
+    """An input function giving resource `name` of a `rule` job from the config's table."""
+
+    def lookup(wildcards):
+        return _job_resources(rule, _job_key(rule, wildcards))[name]
+
+    return lookup

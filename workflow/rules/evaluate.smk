@@ -1,0 +1,21 @@
+# Metrics of one run from its per-task evaluations: the accuracy matrix and the summary numbers.
+
+
+rule compute_metrics:
+    input:
+        unpack(get_metrics_input),
+    output:
+        matrix="results/{experiment}/runs/{run}/accuracy_matrix.csv",
+        metrics="results/{experiment}/runs/{run}/metrics.json",
+    log:
+        "results/{experiment}/runs/{run}/logs/compute_metrics.log",
+    benchmark:
+        "results/{experiment}/runs/{run}/benchmarks/compute_metrics.tsv"
+    threads: 1
+    resources:
+        mem_mb=job_resource("compute_metrics", "mem_mb"),
+        runtime=job_resource("compute_metrics", "runtime"),
+    conda:
+        "../envs/dmnsp.yaml"
+    shell:
+        "python -m dmnsp metrics --run-dir $(dirname {output.metrics}) > {log} 2>&1"

@@ -1,0 +1,77 @@
+# Per-run preparation, pretraining of small models, and one job per continual-learning task.
+
+
+rule prepare_run:
+    output:
+        config="results/{experiment}/runs/{run}/config.yaml",
+        info="results/{experiment}/runs/{run}/run.json",
+    params:
+        base=get_run_base,
+        settings=get_run_settings,
+        swept=get_run_swept,
+        label=get_run_label,
+    log:
+        "results/{experiment}/runs/{run}/logs/prepare_run.log",
+    benchmark:
+        "results/{experiment}/runs/{run}/benchmarks/prepare_run.tsv"
+    threads: 1
+    resources:
+        mem_mb=job_resource("prepare_run", "mem_mb"),
+        runtime=job_resource("prepare_run", "runtime"),
+    conda:
+        "../envs/dmnsp.yaml"
+    shell:
+        "python -m dmnsp prepare-run --config {params.base} {params.settings} {params.swept}"
+        " --experiment {wildcards.experiment} --label {params.label}"
+        " --out-dir $(dirname {output.config}) > {log} 2>&1"
+
+
+rule pretrain_model:
+    output:
+        model="results/pretrained/{pretrain_id}/model.pt",
+        info="results/pretrained/{pretrain_id}/model.json",
+        config="results/pretrained/{pretrain_id}/config.yaml",
+    params:
+        base=get_run_base,
+        settings=get_pretrain_settings,
+    log:
+        "results/pretrained/{pretrain_id}/logs/pretrain_model.log",
+    benchmark:
+        "results/pretrained/{pretrain_id}/benchmarks/pretrain_model.tsv"
+    threads: job_resource("pretrain_model", "threads")
+    resources:
+        mem_mb=job_resource("pretrain_model", "mem_mb"),
+        runtime=job_resource("pretrain_model", "runtime"),
+        gpu=job_resource("pretrain_model", "gpu"),
+    conda:
+        "../envs/dmnsp.yaml"
+    shell:
+        "(python -m dmnsp prepare-run --config {params.base} {params.settings}"
+        " --experiment pretrained --label {wildcards.pretrain_id} --out-dir $(dirname {output.config})"
+        " && OMP_NUM_THREADS={threads} python -m dmnsp pretrain --config {output.config} --out {output.model})"
+        " > {log} 2>&1"
+
+
+rule train_task:
+    input:
+        unpack(get_train_task_input),
+    output:
+        checkpoint=checkpoint_output("results/{experiment}/runs/{run}/task{task}/checkpoint.pt"),
+        eval="results/{experiment}/runs/{run}/task{task}/eval.json",
+        diagnostics="results/{experiment}/runs/{run}/task{task}/diagnostics.json",
+    params:
+        resume=get_resume_option,
+    log:
+        "results/{experiment}/runs/{run}/logs/train_task{task}.log",
+    benchmark:
+        "results/{experiment}/runs/{run}/benchmarks/train_task{task}.tsv"
+    threads: job_resource("train_task", "threads")
+    resources:
+        mem_mb=job_resource("train_task", "mem_mb"),
+        runtime=job_resource("train_task", "runtime"),
+        gpu=job_resource("train_task", "gpu"),
+    conda:
+        "../envs/dmnsp.yaml"
+    shell:
+        "OMP_NUM_THREADS={threads} python -m dmnsp train-task --config {input.config} --task {wildcards.task}"
+        " {params.resume} --out-dir $(dirname {output.eval}) > {log} 2>&1"
