@@ -8,6 +8,8 @@
 # A config given with --configfile replaces config/config.yaml (it is not merged into it), so
 # each file under config/ describes a complete set of experiments. See config/README.md.
 
+import os
+
 from snakemake.utils import min_version, validate
 
 min_version("9.0")

@@ -38,6 +38,7 @@ __all__ = [
     "display_names",
     "summarize",
     "paper_table",
+    "latex_escape",
     "hyperparameter_table",
     "write_tables",
     "make_report_artifacts",
@@ -55,12 +56,25 @@ _OTHER_HYPERPARAMETERS = ("lr", "epochs")
 REFERENCE_MODEL = "ViT-B-16"
 
 _CONFIG_KEYS = (
-    "model_name", "pretrained", "method", "evaluate_on", "TOP_SELECT", "TOP_K_RATIO", "LAMBDA_SCALE", "lr", "epochs",
+    "model_name",
+    "pretrained",
+    "method",
+    "evaluate_on",
+    "TOP_SELECT",
+    "TOP_K_RATIO",
+    "LAMBDA_SCALE",
+    "lr",
+    "epochs",
 )
 _PROJECTION_KEYS = ("mode", "towers", "layers", "lambda", "basis", "energy_threshold")
 #: Settings read from every run (more come from ``run.json``'s ``settings``): grouping keys of the summary.
 BASE_SETTINGS = (
-    "experiment", "label", "dataset", "split", *_CONFIG_KEYS, *(f"projection.{k}" for k in _PROJECTION_KEYS),
+    "experiment",
+    "label",
+    "dataset",
+    "split",
+    *_CONFIG_KEYS,
+    *(f"projection.{k}" for k in _PROJECTION_KEYS),
 )
 _RUN_COLUMNS = ("seed", "status", "complete", "n_tasks", "n_tasks_done", "run_dir")
 _KNOWN_DATASETS = ("cifar100", "tinyimagenet", "fashion-mnist", "imagefolder")
@@ -81,13 +95,17 @@ def load_reference() -> pd.DataFrame:
     """
     path = resources.files("dmnsp").joinpath("data/reference_results.csv")
     with path.open("r") as fh:
-        ref = pd.read_csv(fh, dtype={"method": str, "dataset": str, "split": str, "metric": str, "source": str})
+        ref = pd.read_csv(
+            fh, dtype={"method": str, "dataset": str, "split": str, "metric": str, "source": str}
+        )
     ref["value"] = ref["value"].astype(float)
     return ref
 
 
 def _reference_value(ref: pd.DataFrame, method: str, dataset: str, split: str, metric: str) -> float | None:
-    hit = ref[(ref.method == method) & (ref.dataset == dataset) & (ref.split == split) & (ref.metric == metric)]
+    hit = ref[
+        (ref.method == method) & (ref.dataset == dataset) & (ref.split == split) & (ref.metric == metric)
+    ]
     return float(hit.value.iloc[0]) if len(hit) else None
 
 
@@ -249,8 +267,11 @@ def collect_runs(run_dirs: Iterable[str | Path]) -> pd.DataFrame:
             df[col] = df[col].astype("Int64")
     if df.empty:
         return pd.DataFrame(columns=[*BASE_SETTINGS, *_RUN_COLUMNS, *METRICS, *RESOURCES])
-    settings = [c for c in df.columns if c not in _RUN_COLUMNS and c not in METRICS and c not in RESOURCES
-                and not _STEP.match(c)]
+    settings = [
+        c
+        for c in df.columns
+        if c not in _RUN_COLUMNS and c not in METRICS and c not in RESOURCES and not _STEP.match(c)
+    ]
     steps = sorted((c for c in df.columns if _STEP.match(c)), key=lambda c: int(_STEP.match(c).group(1)))
     df = df[[*settings, *_RUN_COLUMNS, *METRICS, *RESOURCES, *steps]]
     df["complete"] = df["complete"].astype(bool)
@@ -259,7 +280,9 @@ def collect_runs(run_dirs: Iterable[str | Path]) -> pd.DataFrame:
 
 def setting_columns(df: pd.DataFrame) -> list[str]:
     """The grouping columns of a runs or summary table: everything that is not a seed, status, metric or statistic."""
-    skip = set(_RUN_COLUMNS) | set(METRICS) | set(RESOURCES) | {"n_seeds", "n_complete", "seeds", "not_complete"}
+    skip = (
+        set(_RUN_COLUMNS) | set(METRICS) | set(RESOURCES) | {"n_seeds", "n_complete", "seeds", "not_complete"}
+    )
     out = []
     for col in df.columns:
         if col in skip or _STEP.match(col) or col.endswith(("_mean", "_std")):
@@ -311,8 +334,14 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
     """
     keys = setting_columns(df)
     stats = [*METRICS, *RESOURCES]
-    columns = [*keys, "n_seeds", "n_complete", "seeds", *(f"{m}_{s}" for m in stats for s in ("mean", "std")),
-               "not_complete"]
+    columns = [
+        *keys,
+        "n_seeds",
+        "n_complete",
+        "seeds",
+        *(f"{m}_{s}" for m in stats for s in ("mean", "std")),
+        "not_complete",
+    ]
     if df.empty:
         return pd.DataFrame(columns=columns)
     rows = []
@@ -327,7 +356,8 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
             row[f"{metric}_std"] = float(values.std(ddof=1)) if len(values) > 1 else np.nan
         row["not_complete"] = "; ".join(
             f"{r.run_dir} ({r.status}, {int(r.n_tasks_done)}/{_fmt_tasks(r.n_tasks)} tasks)"
-            for r in group.itertuples() if not r.complete
+            for r in group.itertuples()
+            if not r.complete
         )
         rows.append(row)
     out = pd.DataFrame(rows, columns=columns)
@@ -351,14 +381,29 @@ def _split_key(split: Any) -> tuple:
 
 
 def _columns(summary: pd.DataFrame) -> list[tuple[str, str]]:
-    cells = {(d, s) for d, s in zip(summary["dataset"], summary["split"], strict=True) if pd.notna(d) and pd.notna(s)}
+    cells = {
+        (d, s)
+        for d, s in zip(summary["dataset"], summary["split"], strict=True)
+        if pd.notna(d) and pd.notna(s)
+    }
     return sorted(cells, key=lambda c: (_DATASET_ORDER.get(c[0], 9), c[0], _split_key(c[1])))
 
 
 _LATEX_SPECIALS = {
-    "\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
-    "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
-    "Δ": r"$\Delta$", "−": "-", "±": r"$\pm$", "†": r"\textsuperscript{\dag}",
+    "\\": r"\textbackslash{}",
+    "&": r"\&",
+    "%": r"\%",
+    "$": r"\$",
+    "#": r"\#",
+    "_": r"\_",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+    "Δ": r"$\Delta$",
+    "−": "-",
+    "±": r"$\pm$",
+    "†": r"\textsuperscript{\dag}",
 }
 
 
@@ -418,7 +463,9 @@ def paper_table(
     header = [(esc(f"{d} {s}"), sub) for d, s in columns for sub in ("Avg", "Last", "n")]
 
     placed = summary[summary["dataset"].notna() & summary["split"].notna()]
-    method_rank = {name: _METHOD_ORDER.get(str(m), 9) for name, m in zip(placed["_name"], placed["method"], strict=True)}
+    method_rank = {
+        name: _METHOD_ORDER.get(str(m), 9) for name, m in zip(placed["_name"], placed["method"], strict=True)
+    }
     names = sorted(pd.unique(placed["_name"]), key=lambda n: (method_rank.get(n, 9), n))
     by_cell = {(r["_name"], r["dataset"], r["split"]): r for _, r in placed.iterrows()}
 
@@ -428,8 +475,11 @@ def paper_table(
     best: dict[tuple[str, str, str], float] = {}
     for d, s in columns:
         for metric in ("avg", "last"):
-            values = [round(by_cell[(n, d, s)][f"{metric}_mean"], 2) for n in names
-                      if (n, d, s) in by_cell and pd.notna(by_cell[(n, d, s)][f"{metric}_mean"])]
+            values = [
+                round(by_cell[(n, d, s)][f"{metric}_mean"], 2)
+                for n in names
+                if (n, d, s) in by_cell and pd.notna(by_cell[(n, d, s)][f"{metric}_mean"])
+            ]
             if len(values) >= 2:
                 best[(d, s, metric)] = max(values)
 
@@ -447,9 +497,14 @@ def paper_table(
             for metric in ("avg", "last"):
                 mean = r[f"{metric}_mean"]
                 bold = pd.notna(mean) and best.get((d, s, metric)) == round(mean, 2)
-                cells.append(_cell(mean, r[f"{metric}_std"], int(r["n_complete"]), bold=bold, flag=flag, style=style))
-            n_text = str(int(r["n_complete"])) if int(r["n_complete"]) == int(r["n_seeds"]) else \
-                f"{int(r['n_complete'])}/{int(r['n_seeds'])}"
+                cells.append(
+                    _cell(mean, r[f"{metric}_std"], int(r["n_complete"]), bold=bold, flag=flag, style=style)
+                )
+            n_text = (
+                str(int(r["n_complete"]))
+                if int(r["n_complete"]) == int(r["n_seeds"])
+                else f"{int(r['n_complete'])}/{int(r['n_seeds'])}"
+            )
             cells.append(n_text + (("†" if style == "md" else r"\textsuperscript{\dag}") if flag else ""))
         rows.append(("ours", esc(name), cells))
 
@@ -484,26 +539,35 @@ def paper_table(
             delta_rows.append(("Δ ours − reported", esc(f"Δ {name}") if style == "md" else esc(name), cells))
     rows += delta_rows
 
+    notes = [
+        "Accuracy in %: mean ± std over seeds (sample std, ddof=1), '(n=1)' where one seed gives no std; "
+        "bold = best reproduced value per column; n = complete seeds (complete/total when runs are missing or incomplete).",
+    ]
+    if any(block == "reported" for block, _, _ in rows):
+        notes.append(
+            f"Reported: published numbers ({REFERENCE_MODEL}) from dmnsp/data/reference_results.csv; "
+            f"Δ = ours − reported, only for runs with the same backbone ({REFERENCE_MODEL})."
+        )
+    if any_flag:
+        expected = f" (expected {expected_seeds})" if expected_seeds else ""
+        notes.append(
+            f"† fewer complete seeds than runs or than expected{expected}; means use complete runs only."
+        )
+    unfinished = [text for text in summary["not_complete"] if isinstance(text, str) and text]
+    if unfinished:
+        notes.append("Incomplete or missing runs: " + "; ".join(unfinished) + ".")
+    if not rows:
+        return pd.DataFrame(), notes
+
     if style == "tex":
         blocks = {"ours": "ours", "reported": "reported", "Δ ours − reported": r"$\Delta$ ours$-$reported"}
         index = pd.MultiIndex.from_tuples([(blocks[b], n) for b, n, _ in rows])
     else:
         index = pd.Index([n for _, n, _ in rows], name="method")
-    col_index = pd.MultiIndex.from_tuples(header) if style == "tex" else pd.Index([f"{c} {s}" for c, s in header])
+    col_index = (
+        pd.MultiIndex.from_tuples(header) if style == "tex" else pd.Index([f"{c} {s}" for c, s in header])
+    )
     table = pd.DataFrame([cells for _, _, cells in rows], index=index, columns=col_index)
-
-    notes = [
-        "Accuracy in %: mean ± std over seeds (sample std, ddof=1), '(n=1)' where one seed gives no std; "
-        "bold = best reproduced value per column; n = complete seeds (complete/total when runs are missing or incomplete).",
-        f"Reported: published numbers ({REFERENCE_MODEL}) from dmnsp/data/reference_results.csv; "
-        f"Δ = ours − reported, only for runs with the same backbone ({REFERENCE_MODEL}).",
-    ]
-    if any_flag:
-        expected = f" (expected {expected_seeds})" if expected_seeds else ""
-        notes.append(f"† fewer complete seeds than runs or than expected{expected}; means use complete runs only.")
-    unfinished = [text for text in summary["not_complete"] if isinstance(text, str) and text]
-    if unfinished:
-        notes.append("Incomplete or missing runs: " + "; ".join(unfinished) + ".")
     return table, notes
 
 
@@ -511,7 +575,7 @@ def _summary_markdown(summary: pd.DataFrame, reference: pd.DataFrame, expected_s
     table, notes = paper_table(summary, reference, expected_seeds, style="md")
     lines = ["# Results (accuracy, %)", ""]
     if table.empty:
-        lines.append("No runs found.")
+        lines.append("No run has results yet.")
     else:
         lines.append(table.to_markdown(colalign=["left"] + ["right"] * table.shape[1]))
     lines.append("")
@@ -522,7 +586,7 @@ def _summary_markdown(summary: pd.DataFrame, reference: pd.DataFrame, expected_s
 def _summary_latex(summary: pd.DataFrame, reference: pd.DataFrame, expected_seeds: int | None) -> str:
     table, notes = paper_table(summary, reference, expected_seeds, style="tex")
     if table.empty:
-        return "% no runs found\n"
+        return "\n".join(["% No run has results yet."] + [f"% {latex_escape(note)}" for note in notes]) + "\n"
     tex = table.style.to_latex(
         hrules=True,
         column_format="ll" + "r" * table.shape[1],
@@ -536,8 +600,11 @@ def _summary_latex(summary: pd.DataFrame, reference: pd.DataFrame, expected_seed
     )
     # Booktabs rules between the row blocks instead of \cline, none right before \bottomrule.
     lines = [r"\midrule" if line.startswith(r"\cline") else line for line in tex.splitlines()]
-    lines = [line for i, line in enumerate(lines)
-             if not (line == r"\midrule" and i + 1 < len(lines) and lines[i + 1] == r"\bottomrule")]
+    lines = [
+        line
+        for i, line in enumerate(lines)
+        if not (line == r"\midrule" and i + 1 < len(lines) and lines[i + 1] == r"\bottomrule")
+    ]
     notes_tex = [r"\par\smallskip\footnotesize"] + [latex_escape(note) + r"\\" for note in notes]
     end = lines.index(r"\end{table}")
     lines[end:end] = notes_tex
@@ -577,25 +644,37 @@ def hyperparameter_table(summary: pd.DataFrame) -> pd.DataFrame:
 def _hyperparameter_markdown(table: pd.DataFrame) -> str:
     lines = ["# Hyperparameters (accuracy, %)", ""]
     if table.empty:
-        lines.append("No hyperparameter sweep: every (dataset, split, method) has a single "
-                     "(TOP_SELECT, TOP_K_RATIO, LAMBDA_SCALE) setting.")
+        lines.append(
+            "No hyperparameter sweep: every (dataset, split, method) has a single "
+            "(TOP_SELECT, TOP_K_RATIO, LAMBDA_SCALE) setting."
+        )
         return "\n".join(lines) + "\n"
     shown = table.copy()
     for metric in ("avg", "last"):
         shown[metric.capitalize()] = [
             _cell(m, s, int(n), bold=bool(b), flag=False, style="md")
-            for m, s, n, b in zip(shown[f"{metric}_mean"], shown[f"{metric}_std"], shown["n_complete"], shown["best"],
-                                  strict=True)
+            for m, s, n, b in zip(
+                shown[f"{metric}_mean"],
+                shown[f"{metric}_std"],
+                shown["n_complete"],
+                shown["best"],
+                strict=True,
+            )
         ]
-    shown["n"] = [f"{int(c)}" if int(c) == int(s) else f"{int(c)}/{int(s)}"
-                  for c, s in zip(shown["n_complete"], shown["n_seeds"], strict=True)]
+    shown["n"] = [
+        f"{int(c)}" if int(c) == int(s) else f"{int(c)}/{int(s)}"
+        for c, s in zip(shown["n_complete"], shown["n_seeds"], strict=True)
+    ]
     shown["best"] = np.where(shown["best"], "✓", "")
     drop = ["avg_mean", "avg_std", "last_mean", "last_std", "n_seeds", "n_complete"]
     shown = shown.drop(columns=drop)
     for col in shown.columns:
         shown[col] = [_fmt_value(v) if not isinstance(v, str) else v for v in shown[col]]
     lines.append(shown.to_markdown(index=False))
-    lines += ["", "- Best (✓, bold): highest mean Avg within its dataset, split and method (ties: higher Last)."]
+    lines += [
+        "",
+        "- Best (✓, bold): highest mean Avg within its dataset, split and method (ties: higher Last).",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -609,10 +688,16 @@ def _write_tables_from(
     written = {
         "runs.csv": atomic_write_text(out_dir / "runs.csv", runs.to_csv(index=False)),
         "summary.csv": atomic_write_text(out_dir / "summary.csv", summary.to_csv(index=False)),
-        "summary.md": atomic_write_text(out_dir / "summary.md", _summary_markdown(summary, reference, expected_seeds)),
-        "summary.tex": atomic_write_text(out_dir / "summary.tex", _summary_latex(summary, reference, expected_seeds)),
+        "summary.md": atomic_write_text(
+            out_dir / "summary.md", _summary_markdown(summary, reference, expected_seeds)
+        ),
+        "summary.tex": atomic_write_text(
+            out_dir / "summary.tex", _summary_latex(summary, reference, expected_seeds)
+        ),
         "hyperparameters.csv": atomic_write_text(out_dir / "hyperparameters.csv", hyper.to_csv(index=False)),
-        "hyperparameters.md": atomic_write_text(out_dir / "hyperparameters.md", _hyperparameter_markdown(hyper)),
+        "hyperparameters.md": atomic_write_text(
+            out_dir / "hyperparameters.md", _hyperparameter_markdown(hyper)
+        ),
     }
     return written, summary
 
@@ -648,6 +733,7 @@ def make_report_artifacts(
     from dmnsp import plots  # matplotlib is an optional extra: import only when figures are asked for
 
     run_dirs = list(run_dirs)
+    Path(plots_dir).mkdir(parents=True, exist_ok=True)  # exists even when there is nothing to draw
     reference = load_reference()
     runs = collect_runs(run_dirs)
     tables, summary = _write_tables_from(runs, Path(tables_dir), expected_seeds, reference)

@@ -43,8 +43,8 @@ def versions() -> dict[str, str]:
 
     return {
         "dmnsp": __version__,
-        "torch": torch.__version__,
-        "open_clip": getattr(open_clip, "__version__", "unknown"),
+        "torch": str(torch.__version__),
+        "open_clip": str(getattr(open_clip, "__version__", "unknown")),
         "python": platform.python_version(),
     }
 

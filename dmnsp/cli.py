@@ -37,13 +37,14 @@ def _git_revision() -> str | None:
 
 
 def cmd_run(args) -> int:
+    from .aggregate import derive_label
     from .metrics import write_run_metrics
     from .runner import run_all
 
     cfg = _load(args)
     out = Path(args.out_dir) if args.out_dir else None
     if out is not None:
-        _write_provenance(cfg, out, experiment="cli", label=cfg["method"], settings={})
+        _write_provenance(cfg, out, experiment="cli", label=derive_label(cfg), settings={})
 
     def report(t, row, diag):
         seen = ", ".join(f"{a:.3f}" for a in row["accuracy_per_task"])
@@ -82,7 +83,9 @@ def cmd_prepare_run(args) -> int:
     if args.settings_json:
         settings.update(json.loads(args.settings_json))
     cfg = load_config(args.config, settings)
-    _write_provenance(cfg, Path(args.out_dir), args.experiment, args.label or cfg["method"], settings)
+    from .aggregate import derive_label
+
+    _write_provenance(cfg, Path(args.out_dir), args.experiment, args.label or derive_label(cfg), settings)
     return 0
 
 

@@ -114,6 +114,8 @@ def _resolve(cfg: dict) -> dict:
         )
     if proj["basis"] is None:
         proj["basis"] = "concat" if proj["mode"] == "faithful" else "orthonormal"
+    if proj["target"] is None:
+        proj["target"] = "gradient" if proj["mode"] == "faithful" else "update"
     if proj["energy_threshold"] is not None and proj["basis"] != "orthonormal":
         raise ConfigError("'projection.energy_threshold' needs projection.basis: orthonormal")
     if cfg["eval_transform"] is None:

@@ -114,9 +114,11 @@ class RunSpec:
     Attributes:
         experiment: experiment name (first folder under ``results/``).
         run_id: ``key~value`` path below ``results/<experiment>/runs/``.
-        label: readable name of the run's group (everything but the seed).
+        label: method label of the tables (``dmnsp``, ``dmnsp (towers=both)``); grid values and
+            the seed are separate columns there.
         settings: run-config overrides (flat, dotted keys) given to ``prepare-run``; validated.
-        swept: the subset of ``settings`` that varies across the experiment's runs.
+        swept: the subset of ``settings`` that the run's path names (dataset, split, method,
+            ablation, grid point, seed); the rest is shared by the experiment's runs.
         n_tasks: number of tasks (one ``train_task`` job each).
         dataset: dataset name (for the resource table).
         model_name: open_clip model name (for the resource table).
@@ -211,13 +213,17 @@ def format_value(value: Any) -> str:
 def cli_value(value: Any) -> str:
     """Render a value so that ``yaml.safe_load`` gives it back unchanged (for ``--set k=v``)."""
     text = yaml.safe_dump(value, default_flow_style=True, width=1 << 30, allow_unicode=True)
-    text = text.removesuffix("\n").removesuffix("\n...")
-    return text
+    return text.removesuffix("\n").removesuffix("\n...")
 
 
-def cli_settings(option: str, settings: Mapping[str, Any]) -> str:
-    """Shell-quoted ``--option key=value`` arguments for every setting (sorted by key)."""
-    return " ".join(f"{option} {shlex.quote(f'{k}={cli_value(v)}')}" for k, v in sorted(settings.items()))
+def cli_sets(settings: Mapping[str, Any]) -> str:
+    """Shell-quoted ``--set key=value`` arguments, one per setting (sorted by key)."""
+    return " ".join(f"--set {shlex.quote(f'{k}={cli_value(v)}')}" for k, v in sorted(settings.items()))
+
+
+def cli_json(settings: Mapping[str, Any]) -> str:
+    """Shell-quoted JSON object of the settings (flat dotted keys, sorted), for ``--settings-json``."""
+    return shlex.quote(json.dumps(dict(settings), sort_keys=True, separators=(",", ":")))
 
 
 def parse_split(split: Any) -> tuple[int, int]:
@@ -287,7 +293,10 @@ def task_count(cfg: Mapping[str, Any], num_classes: int | None = None) -> int:
 
 
 def resources_for(
-    table: Iterable[Mapping[str, Any]] | None, rule: str, dataset: str | None = None, model_name: str | None = None
+    table: Iterable[Mapping[str, Any]] | None,
+    rule: str,
+    dataset: str | None = None,
+    model_name: str | None = None,
 ) -> dict:
     """Resources of one job from the config's resource table.
 
@@ -307,7 +316,9 @@ def resources_for(
     for row in table or ():
         unknown = set(row) - set(SELECTOR_KEYS) - set(RESOURCE_KEYS)
         if unknown:
-            raise ConfigError(f"'resources': unknown key(s) {sorted(unknown)}; use {SELECTOR_KEYS + RESOURCE_KEYS}")
+            raise ConfigError(
+                f"'resources': unknown key(s) {sorted(unknown)}; use {SELECTOR_KEYS + RESOURCE_KEYS}"
+            )
         if all(_selects(row.get(key), wanted[key]) for key in SELECTOR_KEYS):
             out.update({key: row[key] for key in RESOURCE_KEYS if key in row})
     return out
@@ -400,7 +411,9 @@ def pretrain_spec(cfg: Mapping[str, Any], settings: Mapping[str, Any]) -> Pretra
     if cfg["pretrain_per_class"] < 1:
         raise ConfigError("'pretrain_per_class' must be at least 1 when the experiment sets pretrain_first")
     if "pretrained" in settings:
-        raise ConfigError("'pretrained' is set, but pretrain_first makes the workflow pretrain the model; drop one")
+        raise ConfigError(
+            "'pretrained' is set, but pretrain_first makes the workflow pretrain the model; drop one"
+        )
     pre = {k: v for k, v in settings.items() if k in PRETRAIN_KEYS or k.startswith(PRETRAIN_PREFIX)}
     pre["pretrained"] = None
     resolved = _validated(pre)
@@ -434,6 +447,8 @@ def expand_experiment(
 
 
 def _expand(name: str, spec: Mapping, shared: Mapping) -> tuple[list[RunSpec], dict[str, PretrainSpec]]:
+    from .aggregate import derive_label  # the tables' own naming, so labels match reported methods
+
     base = flatten(shared)
     base.update(flatten(spec.get("run") or {}))
     datasets = _axis(spec, base, "datasets", "fashion-mnist")
@@ -455,12 +470,21 @@ def _expand(name: str, spec: Mapping, shared: Mapping) -> tuple[list[RunSpec], d
             point = dict(zip(keys, combo, strict=True))
             for seed in seeds:
                 settings = {k: v for k, v in fixed.items() if k not in unused}
-                swept = {"dataset": dataset, "initial_increment": initial, "increment": increment, "method": method}
+                swept = {
+                    "dataset": dataset,
+                    "initial_increment": initial,
+                    "increment": increment,
+                    "method": method,
+                }
                 swept.update(ABLATIONS.get(ablation, {}))
                 swept.update(point)
                 swept["seed"] = seed
                 settings.update(swept)
-                parts = [f"dataset~{format_value(dataset)}", f"split~{initial}-{increment}", f"method~{method}"]
+                parts = [
+                    f"dataset~{format_value(dataset)}",
+                    f"split~{initial}-{increment}",
+                    f"method~{method}",
+                ]
                 if ablation:
                     parts.append(f"ablation~{ablation}")
                 parts += [f"{k}~{format_value(v)}" for k, v in point.items()]
@@ -477,7 +501,7 @@ def _expand(name: str, spec: Mapping, shared: Mapping) -> tuple[list[RunSpec], d
                     n_tasks = task_count(cfg, num_classes)
                 except ConfigError as exc:
                     raise ConfigError(f"run '{run_id}': {exc}") from None
-                label = _label(method, ablation, point, dataset, (initial, increment), datasets, splits)
+                label = derive_label(cfg)
                 runs.append(
                     RunSpec(
                         experiment=name,
@@ -492,17 +516,6 @@ def _expand(name: str, spec: Mapping, shared: Mapping) -> tuple[list[RunSpec], d
                     )
                 )
     return runs, pretrains
-
-
-def _label(method, ablation, point, dataset, split, datasets, splits) -> str:
-    words = []
-    if len(datasets) > 1:
-        words.append(str(dataset))
-    if len(splits) > 1:
-        words.append(f"{split[0]}-{split[1]}")
-    words.append(method if not ablation else f"{method}[{ablation}]")
-    words += [f"{k}={v}" for k, v in point.items()]
-    return " ".join(words)
 
 
 def expand_all(config: Mapping[str, Any]) -> Plan:

@@ -41,6 +41,7 @@ __all__ = [
     "read_diagnostics",
     "run_metrics",
     "write_run_metrics",
+    "accuracy_matrix_frame",
 ]
 
 _TOL = 1e-9
@@ -311,18 +312,18 @@ def _matrix_metrics(R: np.ndarray, A: np.ndarray, done: int) -> dict[str, float 
 
 
 def _resources(eval_rows: list[dict], diag_rows: list[dict]) -> tuple[float | None, float | None]:
-    seconds: list[float] = []
-    memory: list[float] = []
-    for row in eval_rows:
-        if row.get("seconds") is not None:
-            seconds.append(float(row["seconds"]))
-        if row.get("peak_mem_mb") is not None:
-            memory.append(float(row["peak_mem_mb"]))
+    """Wall seconds over all tasks, counting each task's evaluation once, and the peak memory."""
+    eval_seconds = {int(r["task"]): float(r["seconds"]) for r in eval_rows if r.get("seconds") is not None}
+    seconds: list[float] = list(eval_seconds.values())
+    memory = [float(r["peak_mem_mb"]) for r in (*eval_rows, *diag_rows) if r.get("peak_mem_mb") is not None]
     for row in diag_rows:
         parts = row.get("seconds") or {}
-        seconds.extend(float(parts[key]) for key in ("train", "basis", "lambda", "eval") if parts.get(key) is not None)
-        if row.get("peak_mem_mb") is not None:
-            memory.append(float(row["peak_mem_mb"]))
+        keys = ["train", "basis", "lambda"]
+        if (
+            int(row["task"]) not in eval_seconds
+        ):  # the runner copies eval.json's seconds here: count them once
+            keys.append("eval")
+        seconds.extend(float(parts[key]) for key in keys if parts.get(key) is not None)
     return (float(sum(seconds)) if seconds else None), (max(memory) if memory else None)
 
 
@@ -337,8 +338,10 @@ def run_metrics(run_dir: str | Path) -> dict[str, Any]:
         ``{avg, last, accuracy_per_step, forgetting, bwt, forgetting_continuum, bwt_continuum,
         n_tasks, n_tasks_done, complete, wall_seconds, peak_mem_mb, accuracy_matrix}`` with
         accuracies as fractions; ``accuracy_matrix`` is ``R`` as nested lists (None for unknown
-        entries). ``wall_seconds`` sums the eval seconds and the diagnostics' train, basis, lambda
-        and eval seconds; ``peak_mem_mb`` is the maximum over both files.
+        entries). ``wall_seconds`` sums, over tasks, the diagnostics' train, basis and lambda
+        seconds and the evaluation seconds (``eval.json``'s, else the diagnostics' ``eval``: the
+        runner writes the same number in both, so it is counted once); ``peak_mem_mb`` is the
+        maximum over both files.
     """
     run_dir = Path(run_dir)
     eval_rows = read_eval_rows(run_dir)
@@ -347,8 +350,13 @@ def run_metrics(run_dir: str | Path) -> dict[str, Any]:
     if not eval_rows:
         out: dict[str, Any] = _matrix_metrics(np.empty((0, 0)), np.empty(0), 0)
         out.update(
-            accuracy_per_step=[], n_tasks=None, n_tasks_done=0, complete=False,
-            wall_seconds=wall, peak_mem_mb=peak, accuracy_matrix=[],
+            accuracy_per_step=[],
+            n_tasks=None,
+            n_tasks_done=0,
+            complete=False,
+            wall_seconds=wall,
+            peak_mem_mb=peak,
+            accuracy_matrix=[],
         )
         return out
     R, A, complete = accuracy_matrix_from_rows(eval_rows)

@@ -39,8 +39,20 @@ METHOD_COLORS = {
     "dmnsp": "#1f77b4",
     "moe_adapters": "#2ca02c",
 }
-_EXTRA_COLORS = ("#d62728", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf",
-                 "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94")
+_EXTRA_COLORS = (
+    "#d62728",
+    "#9467bd",
+    "#8c564b",
+    "#e377c2",
+    "#bcbd22",
+    "#17becf",
+    "#aec7e8",
+    "#ffbb78",
+    "#98df8a",
+    "#ff9896",
+    "#c5b0d5",
+    "#c49c94",
+)
 _DPI = 150
 # Variants sharing a method colour (swept settings) differ by these; dashed is kept for reported curves.
 _LINESTYLES = ("-", "-.", ":", (0, (5, 1, 1, 1)))
@@ -148,20 +160,46 @@ def plot_accuracy_curves(
             if not keep.any():
                 continue
             n = int(sub["complete"].sum())
-            ax.plot(x[keep], mean[keep], color=color, lw=1.8, ms=4, ls=_LINESTYLES[style % len(_LINESTYLES)],
-                    marker=_MARKERS[style % len(_MARKERS)], label=f"{name} (n={n})")
+            ax.plot(
+                x[keep],
+                mean[keep],
+                color=color,
+                lw=1.8,
+                ms=4,
+                ls=_LINESTYLES[style % len(_LINESTYLES)],
+                marker=_MARKERS[style % len(_MARKERS)],
+                label=f"{name} (n={n})",
+            )
             if len(sub) > 1:
-                ax.fill_between(x[keep], acc.min(axis=0).to_numpy()[keep], acc.max(axis=0).to_numpy()[keep],
-                                color=color, alpha=0.2, lw=0)
-        ref = reference[(reference.dataset == dataset) & (reference.split == split)
-                        & reference.metric.str.fullmatch(r"step_\d+")]
+                ax.fill_between(
+                    x[keep],
+                    acc.min(axis=0).to_numpy()[keep],
+                    acc.max(axis=0).to_numpy()[keep],
+                    color=color,
+                    alpha=0.2,
+                    lw=0,
+                )
+        ref = reference[
+            (reference.dataset == dataset)
+            & (reference.split == split)
+            & reference.metric.str.fullmatch(r"step_\d+")
+        ]
         for method, sub in ref.groupby("method", sort=True):
             order = sub.metric.str.slice(5).astype(int)
-            ax.plot(order, sub.value, ls="--", lw=1.5, color=method_color(str(method)),
-                    label=f"{method} (reported)")
+            ax.plot(
+                order,
+                sub.value,
+                ls="--",
+                lw=1.5,
+                color=method_color(str(method)),
+                label=f"{method} (reported)",
+            )
         ax.set_xlabel("Step (tasks learned)")
         ax.set_ylabel("Accuracy on seen classes (%)")
-        ax.set_title(f"{dataset} {split}: accuracy after each step\n(line: mean over seeds; band: min to max)", fontsize="medium")
+        ax.set_title(
+            f"{dataset} {split}: accuracy after each step\n(line: mean over seeds; band: min to max)",
+            fontsize="medium",
+        )
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small", loc="best")
@@ -214,9 +252,16 @@ def plot_accuracy_matrices(run_dirs: Sequence[str | Path], out_dir: str | Path) 
             ax.set_yticks(ticks)
             if T <= 12:
                 for i, j in zip(*np.nonzero(~np.ma.getmaskarray(shown)), strict=True):
-                    ax.text(j, i, f"{R[i, j]:.0f}", ha="center", va="center", fontsize=7,
-                            color="white" if R[i, j] < 60 else "black")
-        for ax in axes[len(matrices):]:
+                    ax.text(
+                        j,
+                        i,
+                        f"{R[i, j]:.0f}",
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="white" if R[i, j] < 60 else "black",
+                    )
+        for ax in axes[len(matrices) :]:
             ax.set_axis_off()
         fig.colorbar(image, ax=list(axes[: len(matrices)]), label="Accuracy (%)", shrink=0.85)
         fig.suptitle(f"{dataset} {split}: accuracy matrix (mean over seeds)")
@@ -263,16 +308,32 @@ def plot_hyperparameters(summary: pd.DataFrame, out_dir: str | Path) -> list[Pat
                 middle = (finite.min() + finite.max()) / 2 if finite.size else 0
                 for i, j in itertools.product(range(data.shape[0]), range(data.shape[1])):
                     if np.isfinite(data[i, j]):
-                        ax.text(j, i, f"{data[i, j]:.1f}", ha="center", va="center", fontsize=8,
-                                color="white" if data[i, j] < middle else "black")
+                        ax.text(
+                            j,
+                            i,
+                            f"{data[i, j]:.1f}",
+                            ha="center",
+                            va="center",
+                            fontsize=8,
+                            color="white" if data[i, j] < middle else "black",
+                        )
                 if finite.size:
                     bi, bj = np.unravel_index(np.nanargmax(data), data.shape)
                     ax.add_patch(Rectangle((bj - 0.5, bi - 0.5), 1, 1, fill=False, ec="red", lw=2.5))
-                title = f"{label}: Avg (%) on {dataset} {split}, best boxed" + (f"\n({fixed})" if fixed else "")
+                title = f"{label}: Avg (%) on {dataset} {split}, best boxed" + (
+                    f"\n({fixed})" if fixed else ""
+                )
                 ax.set_title(title, fontsize="medium")
                 fig.colorbar(image, ax=ax, label="Avg accuracy (%)")
-                stem = _slug("hyperparameters", dataset, split, label, x, y, *(f"{c}{v:g}" for c, v in
-                                                                                zip(rest, rest_vals, strict=True)))
+                stem = _slug(
+                    "hyperparameters",
+                    dataset,
+                    split,
+                    label,
+                    x,
+                    y,
+                    *(f"{c}{v:g}" for c, v in zip(rest, rest_vals, strict=True)),
+                )
                 files += _save(fig, out_dir, stem)
     return files
 
@@ -312,13 +373,24 @@ def _plot_lambdas(run: pd.Series, out_dir: Path) -> list[Path]:
         ax.set_xlabel("basis layer k", fontsize="small")
         ax.set_ylabel("gradient layer j", fontsize="small")
         ax.tick_params(labelsize=6)
-    for ax in axes[len(mats):]:
+    for ax in axes[len(mats) :]:
         ax.set_axis_off()
     fig.colorbar(image, ax=list(axes[: len(mats)]), label="lambda[j][k]", shrink=0.85)
     seed = "" if pd.isna(run["seed"]) else f", seed {int(run['seed'])}"
-    fig.suptitle(f"Dynamic coefficients lambda per task: {run['label']} on {run['dataset']} {run['split']}{seed}")
-    return _save(fig, out_dir, _slug("lambda", run["dataset"], run["split"], run["label"],
-                                     None if pd.isna(run["seed"]) else f"seed{int(run['seed'])}"))
+    fig.suptitle(
+        f"Dynamic coefficients lambda per task: {run['label']} on {run['dataset']} {run['split']}{seed}"
+    )
+    return _save(
+        fig,
+        out_dir,
+        _slug(
+            "lambda",
+            run["dataset"],
+            run["split"],
+            run["label"],
+            None if pd.isna(run["seed"]) else f"seed{int(run['seed'])}",
+        ),
+    )
 
 
 def _set_scale(ax: Any, values: np.ndarray) -> None:
@@ -339,13 +411,18 @@ def _diagnostic_series(runs: pd.DataFrame) -> pd.DataFrame:
         for d in read_diagnostics(run["run_dir"]):
             inf = d.get("inf_fraction_exp_avg_sq") or {}
             norms = d.get("update_norm") or {}
-            records.append({
-                "dataset": run["dataset"], "split": run["split"], "name": run["name"], "run_dir": run["run_dir"],
-                "task": int(d["task"]),
-                "inf_visual": _num(inf.get("visual")),
-                "norm_visual": _num(norms.get("visual")),
-                "norm_text": _num(norms.get("text")),
-            })
+            records.append(
+                {
+                    "dataset": run["dataset"],
+                    "split": run["split"],
+                    "name": run["name"],
+                    "run_dir": run["run_dir"],
+                    "task": int(d["task"]),
+                    "inf_visual": _num(inf.get("visual")),
+                    "norm_visual": _num(norms.get("visual")),
+                    "norm_text": _num(norms.get("text")),
+                }
+            )
     return pd.DataFrame.from_records(records)
 
 
@@ -389,8 +466,15 @@ def plot_diagnostics(run_dirs: Sequence[str | Path], out_dir: str | Path) -> lis
                 styles[color] += 1
                 mean = sub.groupby("task")[column].mean()
                 if mean.notna().any():
-                    ax.plot(mean.index, mean.to_numpy(), color=color, ms=4, ls=_LINESTYLES[style % len(_LINESTYLES)],
-                            marker=_MARKERS[style % len(_MARKERS)], label=name)
+                    ax.plot(
+                        mean.index,
+                        mean.to_numpy(),
+                        color=color,
+                        ms=4,
+                        ls=_LINESTYLES[style % len(_LINESTYLES)],
+                        marker=_MARKERS[style % len(_MARKERS)],
+                        label=name,
+                    )
             ax.set_title(title, fontsize="medium")
             ax.set_xlabel("Task")
             ax.grid(alpha=0.3)

@@ -16,7 +16,7 @@ import torch
 
 from .adapters import adapter_state_dict, load_adapter_state_dict
 from .checkpoint import TaskState, load_checkpoint, save_checkpoint
-from .datasets import load_dataset
+from .datasets import DatasetSplits, load_dataset
 from .devices import pick_device
 from .evaluate import evaluate_seen
 from .io import atomic_write_json
@@ -36,14 +36,14 @@ def _num_workers(spec: int | str) -> int:
 class Session:
     """Data, scenario and model of one run configuration, built once per process."""
 
-    def __init__(self, cfg: dict, progress: bool = True) -> None:
+    def __init__(self, cfg: dict, progress: bool = True, data: DatasetSplits | None = None) -> None:
         self.cfg = cfg
         self.progress = progress
         if cfg["threads"]:
             torch.set_num_threads(cfg["threads"])
         self.device = pick_device(cfg["device"])
         self.num_workers = _num_workers(cfg["num_workers"])
-        self.data = load_dataset(cfg["dataset"], cfg["dataset_root"], cfg["download"])
+        self.data = data if data is not None else load_dataset(cfg["dataset"], cfg["dataset_root"], cfg["download"])
         self.scenario = build_scenario(self.data, cfg)
         self.n_tasks = len(self.scenario.tasks)
         self.bundle = create_clip(

@@ -67,15 +67,31 @@ class ProjectionPlan:
     ops: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     factors: dict[str, list[float]] = field(default_factory=dict)
     lambdas: dict[str, torch.Tensor] = field(default_factory=dict)
+    target: str = "gradient"
 
-    def apply(self, model: nn.Module) -> None:
+    def _weights(self, model: nn.Module):
         for tower, ops in self.ops.items():
             for adapter, op, f in zip(adapters(model, tower), ops, self.factors[tower], strict=True):
-                w_down, w_up = adapter.down.weight, adapter.up.weight
-                if w_down.grad is not None:
-                    w_down.grad = ns.project_down(w_down.grad, op, f)
-                if w_up.grad is not None:
-                    w_up.grad = ns.project_up(w_up.grad, op, f)
+                yield adapter.down.weight, adapter.up.weight, op, f
+
+    def apply(self, model: nn.Module) -> None:
+        """Gradient target: ``G ← G M λ`` (down), ``G ← M^T G λ`` (up), before the optimiser step."""
+        for w_down, w_up, op, f in self._weights(model):
+            if w_down.grad is not None:
+                w_down.grad = ns.project_down(w_down.grad, op, f)
+            if w_up.grad is not None:
+                w_up.grad = ns.project_up(w_up.grad, op, f)
+
+    def snapshot(self, model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(d.detach().clone(), u.detach().clone()) for d, u, _, _ in self._weights(model)]
+
+    @torch.no_grad()
+    def apply_update(self, model: nn.Module, before: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Update target: project AdamW's step itself (its elementwise scaling would otherwise leave
+        the subspace); the coefficients are step-size factors here, so they are not applied."""
+        for (w_down, w_up, op, _), (d0, u0) in zip(self._weights(model), before, strict=True):
+            w_down.copy_(d0 + ns.project_down(w_down - d0, op, 1.0))
+            w_up.copy_(u0 + ns.project_up(w_up - u0, op, 1.0))
 
 
 def projected_towers(cfg: dict) -> list[str]:
@@ -95,7 +111,7 @@ def build_plan(
         current: per tower, per layer adapter outputs of the first batch of this task.
     """
     proj = cfg["projection"]
-    plan = ProjectionPlan()
+    plan = ProjectionPlan(target=proj["target"])
     for tower, vs in bases.items():
         if proj["lambda"] == "fixed":
             lam = ns.fixed_lambda(len(vs), cfg["LAMBDA_SCALE"])
@@ -237,9 +253,14 @@ def train_task(
             plan = build_plan(cfg, bases, _outputs(model, towers))
             _record(model, towers, False)
             lambda_seconds = time.perf_counter() - tl
-        if plan is not None:
+        snap = None
+        if plan is not None and plan.target == "gradient":
             plan.apply(model)
+        elif plan is not None:
+            snap = plan.snapshot(model)
         optimizer.step()
+        if snap is not None:
+            plan.apply_update(model, snap)
         _check_finite_params(model, task, step)
     train_seconds = time.perf_counter() - t0
 

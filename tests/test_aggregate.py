@@ -36,11 +36,28 @@ def make_run(
     """
     root.mkdir(parents=True)
     config = {
-        "dataset": dataset, "initial_increment": split[0], "increment": split[1], "method": method, "seed": seed,
-        "TOP_SELECT": 1, "TOP_K_RATIO": 0.1, "LAMBDA_SCALE": 30.0, "lr": 0.001, "epochs": 4,
-        "model_name": model_name, "pretrained": "openai", "evaluate_on": "test",
-        "projection": {"mode": "faithful", "towers": None, "layers": "multi", "lambda": "dynamic", "basis": None,
-                       "energy_threshold": None} | (projection or {}),
+        "dataset": dataset,
+        "initial_increment": split[0],
+        "increment": split[1],
+        "method": method,
+        "seed": seed,
+        "TOP_SELECT": 1,
+        "TOP_K_RATIO": 0.1,
+        "LAMBDA_SCALE": 30.0,
+        "lr": 0.001,
+        "epochs": 4,
+        "model_name": model_name,
+        "pretrained": "openai",
+        "evaluate_on": "test",
+        "projection": {
+            "mode": "faithful",
+            "towers": None,
+            "layers": "multi",
+            "lambda": "dynamic",
+            "basis": None,
+            "energy_threshold": None,
+        }
+        | (projection or {}),
     } | (hp or {})
     (root / "config.yaml").write_text(yaml.safe_dump(config))
     if run_json is not None:
@@ -49,12 +66,23 @@ def make_run(
         value = final if t == n_tasks - 1 else first
         folder = root / f"task{t}"
         folder.mkdir()
-        evaluation = {"task": t, "n_tasks": n_tasks, "accuracy_per_task": [value] * (t + 1),
-                      "n_samples_per_task": [50] * (t + 1), "accuracy": value, "n_samples": 50 * (t + 1),
-                      "seconds": 1.0, "peak_mem_mb": 10.0}
+        evaluation = {
+            "task": t,
+            "n_tasks": n_tasks,
+            "accuracy_per_task": [value] * (t + 1),
+            "n_samples_per_task": [50] * (t + 1),
+            "accuracy": value,
+            "n_samples": 50 * (t + 1),
+            "seconds": 1.0,
+            "peak_mem_mb": 10.0,
+        }
         (folder / "eval.json").write_text(json.dumps(evaluation))
-        diagnostics = {"task": t, "lambda": None, "seconds": {"train": 2.0, "basis": 0.0, "lambda": 0.0, "eval": 1.0},
-                       "peak_mem_mb": 20.0}
+        diagnostics = {
+            "task": t,
+            "lambda": None,
+            "seconds": {"train": 2.0, "basis": 0.0, "lambda": 0.0, "eval": 1.0},
+            "peak_mem_mb": 20.0,
+        }
         (folder / "diagnostics.json").write_text(json.dumps(diagnostics))
     return root
 
@@ -73,10 +101,21 @@ def paper_runs(tmp_path: Path) -> list[Path]:
     for seed, (first, final) in enumerate([(0.90, 0.80), (0.92, 0.82), (0.94, 0.84)]):
         runs.append(make_run(tmp_path / f"dmnsp/seed{seed}", seed=seed, first=first, final=final))
     for seed, (first, final) in enumerate([(0.96, 0.78), (0.96, 0.80)]):
-        runs.append(make_run(tmp_path / f"symmetric/seed{seed}", seed=seed, first=first, final=final,
-                             projection={"towers": "both"}))
+        runs.append(
+            make_run(
+                tmp_path / f"symmetric/seed{seed}",
+                seed=seed,
+                first=first,
+                final=final,
+                projection={"towers": "both"},
+            )
+        )
     for seed, (first, final) in enumerate([(0.95, 0.70), (0.95, 0.74)]):
-        runs.append(make_run(tmp_path / f"finetune/seed{seed}", method="finetune", seed=seed, first=first, final=final))
+        runs.append(
+            make_run(
+                tmp_path / f"finetune/seed{seed}", method="finetune", seed=seed, first=first, final=final
+            )
+        )
     runs.append(make_run(tmp_path / "finetune/seed2", method="finetune", seed=2, done=1))
     runs.append(make_run(tmp_path / "zeroshot/seed0", method="zeroshot", first=0.6, final=0.6))
     runs.append(tmp_path / "cifar100/dmnsp/seed7")  # never ran
@@ -110,8 +149,10 @@ def test_derive_label():
     both = {"method": "dmnsp", "projection": {"towers": "both", "layers": "single", "lambda": "fixed"}}
     assert agg.derive_label(both) == "dmnsp (towers=both, layers=single, lambda=fixed)"
     assert agg.derive_label({"method": "dmnsp", "projection": {"mode": "clean"}}) == "dmnsp (clean)"
-    assert agg.derive_label({"method": "dmnsp", "projection": {"mode": "clean", "basis": "concat"}}) == \
-        "dmnsp (clean, basis=concat)"
+    assert (
+        agg.derive_label({"method": "dmnsp", "projection": {"mode": "clean", "basis": "concat"}})
+        == "dmnsp (clean, basis=concat)"
+    )
 
 
 def test_collect_runs_keeps_every_run(paper_runs):
@@ -125,7 +166,7 @@ def test_collect_runs_keeps_every_run(paper_runs):
     assert dmnsp0.avg == pytest.approx(85.0) and dmnsp0.last == pytest.approx(80.0)  # percent
     assert dmnsp0.step_1 == pytest.approx(90.0) and dmnsp0.step_2 == pytest.approx(80.0)
     assert dmnsp0.split == "10-10" and dmnsp0["projection.towers"] == "visual"
-    assert dmnsp0.wall_seconds == pytest.approx(2 * 4.0) and dmnsp0.peak_mem_mb == pytest.approx(20.0)
+    assert dmnsp0.wall_seconds == pytest.approx(2 * 3.0) and dmnsp0.peak_mem_mb == pytest.approx(20.0)
     assert runs.TOP_SELECT.dtype == "Int64"  # integers stay integers beside the missing run's NaN
     assert set(runs.label) == {"dmnsp", "dmnsp (towers=both)", "finetune", "zeroshot"}
 
@@ -158,8 +199,14 @@ def _md_rows(text: str) -> dict[str, list[str]]:
 
 def test_write_tables_markdown(paper_runs, tmp_path):
     out = agg.write_tables(paper_runs, tmp_path / "tables", expected_seeds=3)
-    assert set(out) == {"runs.csv", "summary.csv", "summary.md", "summary.tex", "hyperparameters.csv",
-                        "hyperparameters.md"}
+    assert set(out) == {
+        "runs.csv",
+        "summary.csv",
+        "summary.md",
+        "summary.tex",
+        "hyperparameters.csv",
+        "hyperparameters.md",
+    }
     assert all(path.is_file() for path in out.values())
     md = out["summary.md"].read_text()
     rows = _md_rows(md)
@@ -175,7 +222,7 @@ def test_write_tables_markdown(paper_runs, tmp_path):
     assert rows["Δ zeroshot"] == ["-15.17", "-6.72", ""]
     assert "Δ dmnsp (towers=both)" not in rows and "Δ finetune" not in rows  # nothing reported for them
     assert "cifar100 10-10 Avg" in md and "cifar100 10-10 n" in md
-    assert "† fewer complete seeds" in md and "(expected 3)" in md
+    assert "† fewer complete seeds" in md and "(expected 3)" in md and "Reported: published numbers" in md
     assert "finetune/seed2 (incomplete, 1/2 tasks)" in md and "seed7 (missing" in md
 
     runs = pd.read_csv(out["runs.csv"])
@@ -188,7 +235,7 @@ def test_no_flags_without_expected_seeds_when_all_complete(tmp_path):
     runs = [make_run(tmp_path / f"r{s}", seed=s, first=0.9, final=0.8 + 0.01 * s) for s in range(2)]
     md = agg.write_tables(runs, tmp_path / "t")["summary.md"].read_text()
     assert "†" not in md
-    assert _md_rows(md)["dmnsp"] == ["85.25 ± 0.71", "80.50 ± 1.41", "2"]  # one row: nothing to bold
+    assert _md_rows(md)["dmnsp"] == ["85.25 ± 0.35", "80.50 ± 0.71", "2"]  # one row: nothing to bold
     flagged = agg.write_tables(runs, tmp_path / "t3", expected_seeds=3)["summary.md"].read_text()
     assert _md_rows(flagged)["dmnsp"][2] == "2†"
 
@@ -206,8 +253,14 @@ def _strip_escaped_braces(tex: str) -> str:
 
 
 def test_latex_is_valid(paper_runs, tmp_path):
-    paper_runs.append(make_run(tmp_path / "odd/seed0", first=0.5, final=0.4,
-                               run_json={"experiment": "abl_1", "label": "no_proj 100% & #1", "settings": {}}))
+    paper_runs.append(
+        make_run(
+            tmp_path / "odd/seed0",
+            first=0.5,
+            final=0.4,
+            run_json={"experiment": "abl_1", "label": "no_proj 100% & #1", "settings": {}},
+        )
+    )
     tex = agg.write_tables(paper_runs, tmp_path / "tables", expected_seeds=3)["summary.tex"].read_text()
     body = _strip_escaped_braces(tex)
     assert body.count("{") == body.count("}")
@@ -215,8 +268,10 @@ def test_latex_is_valid(paper_runs, tmp_path):
     for ch in body:
         depth += {"{": 1, "}": -1}.get(ch, 0)
         assert depth >= 0
-    assert re.search(r"(?<!\\)_", tex.split("\n", 1)[1]) is None  # every underscore escaped (header comment aside)
-    assert re.search(r"(?<!\\)[%&#]", "".join(line.split("&")[0] for line in tex.splitlines()[1:])) is None
+    assert (
+        re.search(r"(?<!\\)_", tex.split("\n", 1)[1]) is None
+    )  # every underscore escaped (header comment aside)
+    assert re.search(r"(?<!\\)%", "\n".join(tex.splitlines()[1:])) is None  # only the header is a comment
     assert r"no\_proj 100\% \& \#1" in tex
     assert r"moe\_adapters (reported)" in tex
     for rule in (r"\toprule", r"\midrule", r"\bottomrule", r"\begin{tabular}", r"\end{tabular}"):
@@ -227,8 +282,18 @@ def test_latex_is_valid(paper_runs, tmp_path):
     assert "±" not in tex and "Δ" not in tex and "†" not in tex  # all mapped to LaTeX
     # every data row has the same number of cells as the column format says
     n_cols = len(re.search(r"\\begin\{tabular\}\{([lrc]+)\}", tex).group(1))
-    rows = [line for line in tex.splitlines() if line.endswith(r"\\") and "&" in line]
-    assert rows and all(line.count("&") == n_cols - 1 for line in rows)
+
+    def cells(line):
+        return len(re.findall(r"(?<!\\)&", line)) + 1
+
+    rows = [line for line in tex.splitlines() if line.endswith(r"\\") and cells(line) > 1]
+    assert len(rows) >= 2 + 4 + 3 + 2  # header lines, ours, reported, delta
+
+    def width(line):
+        spans = [int(n) for n in re.findall(r"\\multicolumn\{(\d+)\}", line)]
+        return cells(line) + sum(n - 1 for n in spans)
+
+    assert all(width(line) == n_cols for line in rows)
 
 
 def test_hyperparameter_table(tmp_path):
@@ -236,10 +301,21 @@ def test_hyperparameter_table(tmp_path):
     grid = {(0.1, 10.0): 0.80, (0.1, 30.0): 0.86, (0.2, 10.0): 0.82, (0.2, 30.0): 0.84}
     for (ratio, scale), final in grid.items():
         for seed in (0, 1):
-            runs.append(make_run(tmp_path / f"hp_{ratio}_{scale}/seed{seed}", seed=seed, first=0.9, final=final,
-                                 hp={"TOP_K_RATIO": ratio, "LAMBDA_SCALE": scale}, split=(5, 5),
-                                 run_json={"experiment": "sweep", "label": "dmnsp",
-                                           "settings": {"TOP_K_RATIO": ratio, "LAMBDA_SCALE": scale}}))
+            runs.append(
+                make_run(
+                    tmp_path / f"hp_{ratio}_{scale}/seed{seed}",
+                    seed=seed,
+                    first=0.9,
+                    final=final,
+                    hp={"TOP_K_RATIO": ratio, "LAMBDA_SCALE": scale},
+                    split=(5, 5),
+                    run_json={
+                        "experiment": "sweep",
+                        "label": "dmnsp",
+                        "settings": {"TOP_K_RATIO": ratio, "LAMBDA_SCALE": scale},
+                    },
+                )
+            )
     runs.append(make_run(tmp_path / "zs", method="zeroshot", first=0.6, final=0.6, split=(5, 5)))
     out = agg.write_tables(runs, tmp_path / "tables")
     table = pd.read_csv(out["hyperparameters.csv"])
@@ -263,8 +339,10 @@ def test_hyperparameter_table_empty_without_sweep(paper_runs, tmp_path):
 
 
 def test_val_runs_stay_out_of_the_paper_table(tmp_path):
-    runs = [make_run(tmp_path / "test", first=0.9, final=0.8),
-            make_run(tmp_path / "val", first=0.5, final=0.5, hp={"evaluate_on": "val"})]
+    runs = [
+        make_run(tmp_path / "test", first=0.9, final=0.8),
+        make_run(tmp_path / "val", first=0.5, final=0.5, hp={"evaluate_on": "val"}),
+    ]
     out = agg.write_tables(runs, tmp_path / "tables")
     assert "50.00" not in out["summary.md"].read_text()
     assert set(pd.read_csv(out["summary.csv"]).evaluate_on) == {"test", "val"}
@@ -272,5 +350,9 @@ def test_val_runs_stay_out_of_the_paper_table(tmp_path):
 
 def test_empty_input(tmp_path):
     out = agg.write_tables([], tmp_path / "tables")
-    assert "No runs found" in out["summary.md"].read_text()
+    assert "No run has results yet" in out["summary.md"].read_text()
+    assert "Reported:" not in out["summary.md"].read_text()  # the note only comes with reported rows
+    only_missing = agg.write_tables([tmp_path / "gone/seed0"], tmp_path / "t2")
+    assert "gone/seed0 (missing" in only_missing["summary.md"].read_text()
+    assert "gone/seed0 (missing" in only_missing["summary.tex"].read_text()
     assert agg.summarize(agg.collect_runs([])).empty

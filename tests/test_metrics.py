@@ -124,8 +124,13 @@ def test_vector_range_errors(fn, given):
 
 # --------------------------------------------------------------------------- eval.json rows
 def _row(t, n_tasks, accs):
-    return {"task": t, "n_tasks": n_tasks, "accuracy_per_task": accs, "n_samples_per_task": [10] * len(accs),
-            "accuracy": float(np.mean(accs))}
+    return {
+        "task": t,
+        "n_tasks": n_tasks,
+        "accuracy_per_task": accs,
+        "n_samples_per_task": [10] * len(accs),
+        "accuracy": float(np.mean(accs)),
+    }
 
 
 def test_accuracy_matrix_from_rows_any_order():
@@ -168,9 +173,15 @@ def test_weighted_accuracy_mismatch_warns():
 def _write_task(run, t, n_tasks, accs, eval_seconds=2.0, mem=100.0):
     folder = run / f"task{t}"
     folder.mkdir(parents=True)
-    (folder / "eval.json").write_text(json.dumps(_row(t, n_tasks, accs) | {"seconds": eval_seconds, "peak_mem_mb": mem}))
-    diag = {"task": t, "lambda": None, "seconds": {"train": 10.0, "basis": 1.0, "lambda": 0.5, "eval": 0.25},
-            "peak_mem_mb": mem * 2}
+    (folder / "eval.json").write_text(
+        json.dumps(_row(t, n_tasks, accs) | {"seconds": eval_seconds, "peak_mem_mb": mem})
+    )
+    diag = {
+        "task": t,
+        "lambda": None,
+        "seconds": {"train": 10.0, "basis": 1.0, "lambda": 0.5, "eval": 0.25},
+        "peak_mem_mb": mem * 2,
+    }
     (folder / "diagnostics.json").write_text(json.dumps(diag))
 
 
@@ -187,8 +198,8 @@ def test_write_run_metrics(tmp_path):
     assert saved["bwt_continuum"] == pytest.approx(-0.4 / 3)
     assert saved["avg"] == pytest.approx(np.mean([0.9, 0.7, np.mean([0.5, 0.7, 0.95])]))
     assert saved["accuracy_per_step"][1] == pytest.approx(0.7)
-    # 3 tasks x (2.0 eval + 10 train + 1 basis + 0.5 lambda + 0.25 eval) seconds; memory is the max of both files.
-    assert saved["wall_seconds"] == pytest.approx(3 * 13.75)
+    # 3 tasks x (2.0 eval + 10 train + 1 basis + 0.5 lambda); the diagnostics' eval copy is not counted twice.
+    assert saved["wall_seconds"] == pytest.approx(3 * 13.5)
     assert saved["peak_mem_mb"] == pytest.approx(204.0)
     matrix = pd.read_csv(run / "accuracy_matrix.csv", index_col=0)
     assert list(matrix.index) == ["after_task_0", "after_task_1", "after_task_2"]
@@ -196,6 +207,15 @@ def test_write_run_metrics(tmp_path):
     assert matrix.loc["after_task_2", "task_1"] == pytest.approx(0.7)
     assert np.isnan(matrix.loc["after_task_0", "task_2"])
     assert not list(run.glob(".*.tmp"))  # atomic writes leave no temporary files
+
+
+def test_wall_seconds_fall_back_to_the_diagnostics_eval_time(tmp_path):
+    run = tmp_path / "run"
+    _write_task(run, 0, 1, [0.9])
+    row = json.loads((run / "task0/eval.json").read_text())
+    del row["seconds"]
+    (run / "task0/eval.json").write_text(json.dumps(row))
+    assert M.run_metrics(run)["wall_seconds"] == pytest.approx(10.0 + 1.0 + 0.5 + 0.25)
 
 
 def test_run_metrics_incomplete_and_empty(tmp_path):

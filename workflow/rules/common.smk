@@ -7,7 +7,7 @@ from functools import cache
 from snakemake.exceptions import WorkflowError
 
 from dmnsp.config import ConfigError
-from dmnsp.experiments import cli_settings, expand_all, resources_for
+from dmnsp.experiments import cli_json, cli_sets, expand_all, resources_for
 
 try:
     PLAN = expand_all(config)
@@ -28,7 +28,7 @@ wildcard_constraints:
 
 
 def get_final_outputs():
-    """Every experiment's tables and plots (the report of the aggregate rule)."""
+    """Every experiment's tables and plots (the outputs of aggregate_results)."""
     return expand(
         [
             "results/{experiment}/tables/summary.csv",
@@ -65,15 +65,14 @@ def get_run_dir(wildcards):
 
 
 def get_run_settings(wildcards):
-    """--set arguments for the settings every run of the group shares."""
+    """Settings the run shares with its experiment, as one JSON object (--settings-json)."""
     run = get_run(wildcards)
-    fixed = {k: v for k, v in run.settings.items() if k not in run.swept}
-    return cli_settings("--set", fixed)
+    return cli_json({k: v for k, v in run.settings.items() if k not in run.swept})
 
 
 def get_run_swept(wildcards):
-    """--sweep arguments for the settings that vary across the experiment (recorded in run.json)."""
-    return cli_settings("--sweep", get_run(wildcards).swept)
+    """The run's own settings (its path's key~value parts), as --set arguments kept in run.json."""
+    return cli_sets(get_run(wildcards).swept)
 
 
 def get_run_label(wildcards):
@@ -83,7 +82,7 @@ def get_run_label(wildcards):
 
 
 def get_pretrain_settings(wildcards):
-    return cli_settings("--set", get_pretrain(wildcards).settings)
+    return cli_json(get_pretrain(wildcards).settings)
 
 
 def get_resume_option(wildcards, input):
@@ -98,11 +97,6 @@ def get_run_dirs(wildcards, input):
 
 def get_expected_seeds(wildcards):
     return PLAN.expected_seeds[wildcards.experiment]
-
-
-def get_run_base(wildcards):
-    """Empty base config for prepare-run (every setting arrives with --set/--sweep)."""
-    return os.path.join(workflow.basedir, "workflow", "run-base.yaml")
 
 
 # ------------------------------------------------------------------------------- inputs
@@ -154,35 +148,35 @@ def checkpoint_output(path):
 
 
 @cache
-def _job_resources(rule, key):
-    """Resources of one job, keyed by (rule, experiment, run) or (rule, pretrain id)."""
-    if rule == "pretrain_model":
+def _job_resources(rule_name, key):
+    """Resources of one job, keyed by (rule_name, experiment, run) or (rule_name, pretrain id)."""
+    if rule_name == "pretrain_model":
         spec = PLAN.pretrains[key[0]]
         dataset, model, own_threads = spec.dataset, spec.model_name, spec.settings.get("threads")
-    elif rule == "aggregate_results":
+    elif rule_name == "aggregate_results":
         first = PLAN.experiments[key[0]][0]
         dataset, model, own_threads = first.dataset, first.model_name, None
     else:
         run = PLAN.run(*key)
         dataset, model, own_threads = run.dataset, run.model_name, run.settings.get("threads")
-    out = resources_for(RESOURCE_TABLE, rule, dataset, model)
-    if rule in ("pretrain_model", "train_task") and own_threads:
+    out = resources_for(RESOURCE_TABLE, rule_name, dataset, model)
+    if rule_name in ("pretrain_model", "train_task") and own_threads:
         out["threads"] = own_threads
     return out
 
 
-def _job_key(rule, wildcards):
-    if rule == "pretrain_model":
+def _job_key(rule_name, wildcards):
+    if rule_name == "pretrain_model":
         return (wildcards.pretrain_id,)
-    if rule == "aggregate_results":
+    if rule_name == "aggregate_results":
         return (wildcards.experiment,)
     return (wildcards.experiment, wildcards.run)
 
 
-def job_resource(rule, name):
-    """An input function giving resource `name` of a `rule` job from the config's table."""
+def job_resource(rule_name, name):
+    """An input function giving resource `name` of a job of rule `rule_name` from the config's table."""
 
     def lookup(wildcards):
-        return _job_resources(rule, _job_key(rule, wildcards))[name]
+        return _job_resources(rule_name, _job_key(rule_name, wildcards))[name]
 
     return lookup

@@ -6,7 +6,6 @@ rule prepare_run:
         config="results/{experiment}/runs/{run}/config.yaml",
         info="results/{experiment}/runs/{run}/run.json",
     params:
-        base=get_run_base,
         settings=get_run_settings,
         swept=get_run_swept,
         label=get_run_label,
@@ -21,7 +20,7 @@ rule prepare_run:
     conda:
         "../envs/dmnsp.yaml"
     shell:
-        "python -m dmnsp prepare-run --config {params.base} {params.settings} {params.swept}"
+        "python -m dmnsp prepare-run --settings-json {params.settings} {params.swept}"
         " --experiment {wildcards.experiment} --label {params.label}"
         " --out-dir $(dirname {output.config}) > {log} 2>&1"
 
@@ -32,7 +31,6 @@ rule pretrain_model:
         info="results/pretrained/{pretrain_id}/model.json",
         config="results/pretrained/{pretrain_id}/config.yaml",
     params:
-        base=get_run_base,
         settings=get_pretrain_settings,
     log:
         "results/pretrained/{pretrain_id}/logs/pretrain_model.log",
@@ -46,9 +44,9 @@ rule pretrain_model:
     conda:
         "../envs/dmnsp.yaml"
     shell:
-        "(python -m dmnsp prepare-run --config {params.base} {params.settings}"
+        "(python -m dmnsp prepare-run --settings-json {params.settings}"
         " --experiment pretrained --label {wildcards.pretrain_id} --out-dir $(dirname {output.config})"
-        " && OMP_NUM_THREADS={threads} python -m dmnsp pretrain --config {output.config} --out {output.model})"
+        " && OMP_NUM_THREADS={threads} python -m dmnsp pretrain --quiet --config {output.config} --out {output.model})"
         " > {log} 2>&1"
 
 
@@ -73,5 +71,5 @@ rule train_task:
     conda:
         "../envs/dmnsp.yaml"
     shell:
-        "OMP_NUM_THREADS={threads} python -m dmnsp train-task --config {input.config} --task {wildcards.task}"
+        "OMP_NUM_THREADS={threads} python -m dmnsp train-task --quiet --config {input.config} --task {wildcards.task}"
         " {params.resume} --out-dir $(dirname {output.eval}) > {log} 2>&1"

@@ -1,0 +1,230 @@
+"""Import a reference-code Hydra config (class-incremental CLIP) as a dmnsp experiment.
+
+The reference configs are flat YAML files (``class_order``, ``dataset_root``, ``model_name``,
+``batch_size``, ``increment``, ``initial_increment``, ``method``, ``lr`` ...) plus a ``hydra:``
+block. :func:`import_hydra_config` maps them onto an experiment spec of the workflow config
+(``config/README.md``), keeping the reference's key names for the run-level keys. Settings dmnsp
+does not implement (task-incremental scenarios, the L2 and CE variants of other methods) are
+refused with the key named, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .config import ConfigError, validate
+
+# Keys that only say where the reference code writes logs or how Hydra runs: dmnsp's workflow
+# decides its own paths, so they are ignored.
+IGNORED_KEYS = frozenset({"hydra", "defaults", "workdir", "log_path"})
+
+# Reference keys that map one to one onto dmnsp run keys (same name, same meaning).
+RUN_KEYS = (
+    "class_order",
+    "dataset_root",
+    "initial_increment",
+    "increment",
+    "model_name",
+    "prompt_template",
+    "batch_size",
+    "lr",
+    "weight_decay",
+    "ls",
+    "epochs",
+    "TOP_SELECT",
+    "TOP_K_RATIO",
+    "LAMBDA_SCALE",
+    "seed",
+)
+NUMERIC_KEYS = frozenset({"lr", "weight_decay", "ls", "TOP_K_RATIO", "LAMBDA_SCALE"})
+INTEGER_KEYS = frozenset({"initial_increment", "increment", "batch_size", "epochs", "TOP_SELECT", "seed"})
+
+# Reference settings that dmnsp supports only at one value.
+REQUIRED_VALUES = {"scenario": ("class",), "l2": (0, 0.0), "ce_method": (0, 0.0)}
+
+METHODS = {"dmnsp": "dmnsp", "zeroshot": "zeroshot", "zero_shot": "zeroshot", "finetune": "finetune"}
+DATASETS = {
+    "cifar100": "cifar100",
+    "tinyimagenet": "tinyimagenet",
+    "tiny_imagenet": "tinyimagenet",
+    "tiny-imagenet": "tinyimagenet",
+    "fashion-mnist": "fashion-mnist",
+    "fashion_mnist": "fashion-mnist",
+    "fashionmnist": "fashion-mnist",
+    "imagefolder": "imagefolder",
+}
+
+_INTERPOLATION = re.compile(r"\$\{([^${}]+)\}")
+
+
+def resolve_interpolations(cfg: Mapping[str, Any]) -> dict:
+    """Resolve OmegaConf-style ``${key}`` references between top-level keys.
+
+    A value that is exactly ``"${key}"`` takes the referenced value with its type; a reference
+    inside a longer string is substituted as text. Nested and chained references resolve;
+    unknown keys, Hydra resolvers (``${now:...}``) and cycles raise :class:`ConfigError`.
+    """
+    out = dict(cfg)
+
+    def resolve(key: str, stack: tuple[str, ...]) -> Any:
+        if key in stack:
+            raise ConfigError(f"'{stack[0]}': interpolation cycle {' -> '.join((*stack, key))}")
+        value = out[key]
+        if not isinstance(value, str) or "${" not in value:
+            return value
+        whole = _INTERPOLATION.fullmatch(value.strip())
+        if whole:
+            out[key] = lookup(whole.group(1), (*stack, key))
+        else:
+            out[key] = _INTERPOLATION.sub(lambda m: str(lookup(m.group(1), (*stack, key))), value)
+        return out[key]
+
+    def lookup(ref: str, stack: tuple[str, ...]) -> Any:
+        ref = ref.strip()
+        if ":" in ref or ref not in out:
+            raise ConfigError(
+                f"'{stack[-1]}': cannot resolve interpolation '${{{ref}}}' (only top-level keys)"
+            )
+        return resolve(ref, stack)
+
+    for key in list(out):
+        if key not in IGNORED_KEYS:
+            resolve(key, ())
+    return out
+
+
+def open_clip_model_name(name: str) -> str:
+    """OpenAI CLIP names as the reference code writes them → open_clip names (``ViT-B/16`` → ``ViT-B-16``)."""
+    text = str(name).strip()
+    match = re.fullmatch(r"(ViT-[A-Za-z]+)/(\d+)(?:@(\d+)px)?", text)
+    if match:
+        base = f"{match.group(1)}-{match.group(2)}"
+        return f"{base}-{match.group(3)}" if match.group(3) else base
+    return text
+
+
+def _number(key: str, value: Any) -> Any:
+    """Numbers the reference writes PyYAML reads as strings (``lr: 1e-3``) → floats/ints."""
+    if isinstance(value, bool):
+        raise ConfigError(f"'{key}': expected a number, got {value!r}")
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise ConfigError(f"'{key}': expected a number, got {value!r}") from None
+    if key in INTEGER_KEYS:
+        if isinstance(value, float) and not value.is_integer():
+            raise ConfigError(f"'{key}': expected an integer, got {value!r}")
+        return int(value)
+    return float(value) if key in NUMERIC_KEYS else value
+
+
+def convert_hydra_config(raw: Mapping[str, Any]) -> dict:
+    """Map a loaded reference Hydra config onto a dmnsp experiment spec.
+
+    Args:
+        raw: the reference YAML as a mapping.
+
+    Returns:
+        ``{"datasets": [...], "splits": ["I-I"], "methods": [...], "run": {...}}``; the run keys
+        keep the reference names and are validated against dmnsp's run schema.
+
+    Raises:
+        ConfigError: naming the unsupported key or value.
+    """
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"a Hydra config must be a mapping of keys, got {type(raw).__name__}")
+    cfg = resolve_interpolations(raw)
+    known = IGNORED_KEYS | set(RUN_KEYS) | set(REQUIRED_VALUES) | {"dataset", "method"}
+    unknown = sorted(set(cfg) - known)
+    if unknown:
+        raise ConfigError(
+            f"'{unknown[0]}': the reference key is not supported by dmnsp"
+            + (f" (nor {', '.join(repr(k) for k in unknown[1:])})" if len(unknown) > 1 else "")
+            + f"; supported keys: {', '.join(sorted(known - IGNORED_KEYS))}"
+        )
+    for key, allowed in REQUIRED_VALUES.items():
+        if key in cfg and cfg[key] not in allowed and str(cfg[key]).strip() not in map(str, allowed):
+            raise ConfigError(
+                f"'{key}': {cfg[key]!r} is not supported; dmnsp implements only {key}: {allowed[0]!r}"
+            )
+
+    run: dict[str, Any] = {}
+    for key in RUN_KEYS:
+        if key not in cfg:
+            continue
+        value = cfg[key]
+        if key in ("class_order", "dataset_root") and value in ("", None):
+            continue  # "" means the dataset's standard order / the default folder
+        if key in NUMERIC_KEYS or key in INTEGER_KEYS:
+            value = _number(key, value)
+        if key == "model_name":
+            value = open_clip_model_name(value)
+        run[key] = value
+    if "model_name" in run and run["model_name"].startswith(("ViT-", "RN")):
+        run["pretrained"] = "openai"
+
+    spec: dict[str, Any] = {}
+    if "dataset" in cfg:
+        name = str(cfg["dataset"]).strip().lower()
+        if name not in DATASETS:
+            raise ConfigError(
+                f"'dataset': {cfg['dataset']!r} is not supported; use one of {sorted(set(DATASETS.values()))}"
+            )
+        spec["datasets"] = [DATASETS[name]]
+    if "initial_increment" in run or "increment" in run:
+        initial = run.pop("initial_increment", run.get("increment"))
+        increment = run.pop("increment", initial)
+        spec["splits"] = [f"{initial}-{increment}"]
+    if "method" in cfg:
+        name = str(cfg["method"]).strip().lower()
+        if name not in METHODS:
+            raise ConfigError(
+                f"'method': {cfg['method']!r} is not supported; use one of {sorted(set(METHODS.values()))}"
+            )
+        spec["methods"] = [METHODS[name]]
+    if "seed" in run:
+        spec["seeds"] = [run.pop("seed")]
+    spec["run"] = run
+
+    check = dict(run)
+    if "datasets" in spec:
+        check["dataset"] = spec["datasets"][0]
+    if "methods" in spec:
+        check["method"] = spec["methods"][0]
+    if "splits" in spec:
+        check["initial_increment"], check["increment"] = (int(x) for x in spec["splits"][0].split("-"))
+    validate(check)
+    return spec
+
+
+def import_hydra_config(path: str | Path) -> dict:
+    """Read a reference Hydra YAML file and return the dmnsp experiment spec (see :func:`convert_hydra_config`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"Hydra config {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"Hydra config {path} is not valid YAML: {exc}") from exc
+    try:
+        return convert_hydra_config(raw or {})
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def experiment_name(spec: Mapping[str, Any], fallback: str = "imported") -> str:
+    """A readable experiment name from an imported spec: ``cifar100-10-10-dmnsp``."""
+    parts = [*spec.get("datasets", []), *spec.get("splits", []), *spec.get("methods", [])]
+    return "-".join(str(p) for p in parts) or fallback
+
+
+def hydra_workflow_config(path: str | Path, name: str | None = None) -> dict:
+    """A complete workflow config (``{"experiments": {name: spec}}``) from a reference Hydra file."""
+    spec = import_hydra_config(path)
+    return {"experiments": {name or experiment_name(spec): spec}}

@@ -1,0 +1,287 @@
+"""The Snakemake workflow: dry-runs of every shipped config, lint, config validation, and (slow)
+miniature end-to-end runs including a kill-and-resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from functools import cache
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dmnsp.experiments import expand_all
+
+ROOT = Path(__file__).resolve().parents[1]
+SNAKEFILE = ROOT / "Snakefile"
+DEFAULT = ROOT / "config" / "config.yaml"
+MINI = ROOT / "config" / "test" / "config.yaml"
+PAPER = sorted((ROOT / "config" / "paper").glob("*.yaml"))
+SCHEMA = ROOT / "workflow" / "schemas" / "config.schema.yaml"
+N_TASKS = {
+    "cifar100-10-10": 10, "cifar100-5-5": 20, "cifar100-2-2": 50,
+    "tinyimagenet-100-20": 6, "tinyimagenet-100-10": 11, "tinyimagenet-100-5": 21,
+}
+ENV = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
+def snakemake(*args: str, cwd: Path, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
+    """Run snakemake on the repository's Snakefile with ``cwd`` as working directory."""
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(SNAKEFILE), "--directory", str(cwd), *args]
+    proc = subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def job_counts(output: str) -> dict[str, int]:
+    """The 'Job stats' table of a snakemake run → {rule: count} (first table only)."""
+    counts: dict[str, int] = {}
+    lines = output.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("Job stats:"))
+    for line in lines[start + 3:]:
+        parts = line.split()
+        if len(parts) != 2 or parts[0] == "total":
+            break
+        counts[parts[0]] = int(parts[1])
+    return counts
+
+
+@cache
+def dry_run(configfile: Path) -> tuple[dict[str, int], float]:
+    """Job counts and wall time of ``snakemake -n`` for one config (cached: each config is planned once)."""
+    workdir = Path(os.environ.get("PYTEST_DRYRUN_DIR", "/tmp")) / f"dmnsp-dryrun-{os.getpid()}-{configfile.stem}"
+    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        start = time.perf_counter()
+        proc = snakemake("-n", "--quiet", "rules", "--configfile", str(configfile), cwd=workdir)
+        elapsed = time.perf_counter() - start
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return job_counts(proc.stdout + proc.stderr), elapsed
+
+
+# ------------------------------------------------------------------------------------ dry-runs
+
+
+def test_default_config_plans_the_embedded_study():
+    counts, _ = dry_run(DEFAULT)
+    # zeroshot × 2 seeds, finetune × 2 seeds, dmnsp × LAMBDA_SCALE {1, 30} × 2 seeds = 8 runs of 5 tasks.
+    assert counts == {"prepare_run": 8, "pretrain_model": 1, "train_task": 40, "compute_metrics": 8,
+                      "aggregate_results": 1, "all": 1}
+
+
+def test_miniature_config_plans():
+    counts, _ = dry_run(MINI)
+    assert counts == {"prepare_run": 3, "pretrain_model": 1, "train_task": 6, "compute_metrics": 3,
+                      "aggregate_results": 1, "all": 1}
+
+
+@pytest.mark.parametrize("path", PAPER, ids=[p.stem for p in PAPER])
+def test_paper_configs_plan_the_full_dag_offline(path):
+    counts, elapsed = dry_run(path)
+    runs = 3 * (3 + 5)  # 3 seeds × (zeroshot, finetune, dmnsp and the 5 ablations)
+    assert counts == {"prepare_run": runs, "train_task": runs * N_TASKS[path.stem], "compute_metrics": runs,
+                      "aggregate_results": 1, "all": 1}
+    assert elapsed < 30, f"planning {path.name} took {elapsed:.1f} s"
+
+
+def test_one_method_one_split_counts(tmp_path):
+    """CIFAR100 10-10 × 3 seeds × 1 method = 30 train_task jobs."""
+    cfg = yaml.safe_load((ROOT / "config" / "paper" / "cifar100-10-10.yaml").read_text())
+    (exp,) = cfg["experiments"].values()
+    exp["methods"], exp["ablations"] = ["dmnsp"], []
+    path = tmp_path / "one.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    counts, _ = dry_run(path)
+    assert counts["train_task"] == 30 and counts["prepare_run"] == 3
+
+
+def test_lint_is_clean():
+    proc = snakemake("--lint", cwd=ROOT, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+# ------------------------------------------------------------------------------- validation
+
+
+def schema_validate(cfg: dict) -> dict:
+    from snakemake.utils import validate
+
+    validate(cfg, str(SCHEMA))
+    return cfg
+
+
+@pytest.mark.parametrize("path", [DEFAULT, MINI, *PAPER], ids=lambda p: p.stem)
+def test_shipped_configs_match_the_schema(path):
+    cfg = schema_validate(yaml.safe_load(path.read_text()))
+    expand_all(cfg)
+
+
+def test_schema_fills_defaults():
+    cfg = schema_validate({"experiments": {"e": {"methods": ["dmnsp"]}}})
+    assert cfg["keep_checkpoints"] is True and cfg["resources"] == []
+    assert cfg["experiments"]["e"]["ablations"] == [] and cfg["experiments"]["e"]["pretrain_first"] is False
+
+
+BAD_SCHEMA = [
+    ({"experiments": {"e": {}}, "colour": "red"}, "colour"),
+    ({"experiments": {"e": {"seed": [0]}}}, "seed"),
+    ({"experiments": {"e": {"seeds": "zero"}}}, "seeds"),
+    ({"experiments": {"e": {"datasets": ["mnist"]}}}, "mnist"),
+    ({"experiments": {"e": {"methods": ["ewc"]}}}, "ewc"),
+    ({"experiments": {"e": {"splits": ["10/10"]}}}, "10/10"),
+    ({"experiments": {"e": {"ablations": ["towers-all"]}}}, "towers-all"),
+    ({"experiments": {"e": {}}, "keep_checkpoints": "yes"}, "keep_checkpoints"),
+    ({"experiments": {"e": {}}, "resources": [{"rule": "train", "mem_mb": 1}]}, "train"),
+    ({}, "experiments"),
+]
+
+
+@pytest.mark.parametrize(("cfg", "key"), BAD_SCHEMA, ids=[k for _, k in BAD_SCHEMA])
+def test_schema_rejects_bad_configs(cfg, key):
+    from snakemake.exceptions import WorkflowError
+
+    with pytest.raises(WorkflowError) as err:
+        schema_validate(cfg)
+    assert key in str(err.value) + str(getattr(err.value, "args", ""))
+
+
+BAD_WORKFLOW = {
+    "unknown-key": ({"experiments": {"e": {"methods": ["dmnsp"]}}, "colour": "red"}, "colour"),
+    "wrong-type": ({"experiments": {"e": {"seeds": "zero"}}}, "seeds"),
+    "unknown-dataset": ({"experiments": {"e": {"datasets": ["mnist"]}}}, "mnist"),
+    "unknown-method": ({"experiments": {"e": {"methods": ["ewc"]}}}, "ewc"),
+    "bad-split": ({"experiments": {"e": {"splits": ["12-2"]}}}, "splits"),
+    "bad-run-key": ({"experiments": {"e": {"run": {"TOP_SELCT": 2}}}}, "TOP_SELCT"),
+    "bad-run-value": ({"experiments": {"e": {"grid": {"lr": [0.001, -1]}}}}, "'lr'"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_WORKFLOW))
+def test_bad_workflow_configs_stop_at_planning_naming_the_key(case, tmp_path):
+    cfg, key = BAD_WORKFLOW[case]
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = snakemake("-n", "--configfile", str(path), cwd=tmp_path, timeout=120, check=False)
+    assert proc.returncode != 0
+    output = proc.stdout + proc.stderr
+    assert key in output, output
+    assert "train_task" not in output  # stopped before planning any job
+
+
+# ------------------------------------------------------------------------------ end to end
+
+
+def mini_config(tmp: Path, data_root: Path, **run_changes) -> Path:
+    cfg = yaml.safe_load(MINI.read_text())
+    cfg["run"]["dataset_root"] = str(data_root)
+    cfg["experiments"]["test"]["run"].update(run_changes)
+    path = tmp / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def final_metrics(workdir: Path) -> dict[str, dict]:
+    out = {}
+    for path in sorted((workdir / "results" / "test" / "runs").rglob("metrics.json")):
+        metrics = json.loads(path.read_text())
+        out[str(path.parent.relative_to(workdir))] = metrics
+    return out
+
+
+def accuracy_only(metrics: dict) -> dict:
+    """Drop timing and resource fields (they differ between two identical runs)."""
+    drop = re.compile(r"(second|time|mem|wall|duration|host|date)", re.IGNORECASE)
+    if isinstance(metrics, dict):
+        return {k: accuracy_only(v) for k, v in metrics.items() if not drop.search(k)}
+    if isinstance(metrics, list):
+        return [accuracy_only(v) for v in metrics]
+    return metrics
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, data_root):
+    """The miniature config run once through snakemake --cores 2."""
+    workdir = tmp_path_factory.mktemp("mini")
+    config = mini_config(workdir, data_root)
+    start = time.perf_counter()
+    snakemake("--cores", "2", "--configfile", str(config), cwd=workdir, timeout=300)
+    return workdir, config, time.perf_counter() - start
+
+
+@pytest.mark.slow
+def test_miniature_workflow_end_to_end(finished_run):
+    workdir, config, elapsed = finished_run
+    assert elapsed < 120, f"miniature workflow took {elapsed:.0f} s"
+    tables = workdir / "results" / "test" / "tables"
+    for name in ("summary.md", "summary.csv", "summary.tex", "runs.csv", "hyperparameters.csv", "hyperparameters.md"):
+        assert (tables / name).is_file(), name
+    assert list((workdir / "results" / "test" / "plots").glob("*.png"))
+    metrics = final_metrics(workdir)
+    assert len(metrics) == 3
+    for run_dir in metrics:
+        info = json.loads((workdir / run_dir / "run.json").read_text())
+        assert {"experiment", "label", "settings", "dmnsp_version", "git_revision", "config_hash"} <= set(info)
+        assert (workdir / run_dir / "config.yaml").is_file()
+        assert (workdir / run_dir / "accuracy_matrix.csv").is_file()
+        # keep_checkpoints: false → checkpoints are temporary and gone once used.
+        assert not list((workdir / run_dir).rglob("checkpoint.pt"))
+    # Nothing left to do; the report builds.
+    proc = snakemake("-n", "--configfile", str(config), cwd=workdir)
+    assert "Nothing to be done" in proc.stdout + proc.stderr
+    snakemake("--report", "report.html", "--configfile", str(config), cwd=workdir)
+    html = (workdir / "report.html").read_text(errors="replace")
+    assert "summary.csv" in html and ".png" in html
+
+
+@pytest.mark.slow
+def test_changing_a_hyperparameter_reruns_only_affected_runs(finished_run, data_root, tmp_path):
+    workdir, _, _ = finished_run
+    # TOP_K_RATIO is read by dmnsp only: zeroshot and finetune stay done.
+    changed = mini_config(tmp_path, data_root, TOP_K_RATIO=0.2)
+    proc = snakemake("-n", "--quiet", "rules", "--configfile", str(changed), cwd=workdir)
+    counts = job_counts(proc.stdout + proc.stderr)
+    assert counts == {"prepare_run": 1, "train_task": 2, "compute_metrics": 1, "aggregate_results": 1, "all": 1}
+
+
+@pytest.mark.slow
+def test_killed_workflow_resumes_to_the_same_metrics(finished_run, data_root, tmp_path_factory):
+    reference_dir, _, _ = finished_run
+    workdir = tmp_path_factory.mktemp("killed")
+    config = mini_config(workdir, data_root)
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(SNAKEFILE), "--directory", str(workdir),
+           "--cores", "2", "--configfile", str(config)]
+    proc = subprocess.Popen(cmd, cwd=workdir, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        # Wait until a train_task job of a training method is running (its log exists, its eval not yet).
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and proc.poll() is None:
+            logs = list((workdir / "results" / "test" / "runs").glob("**/method~dmnsp/**/logs/train_task1.log"))
+            if logs and not list(logs[0].parent.parent.glob("task1/eval.json")):
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, "the workflow finished before a train_task job could be killed"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not final_metrics(workdir) or len(final_metrics(workdir)) < 3
+    snakemake("--unlock", "--configfile", str(config), cwd=workdir)
+    snakemake("--cores", "2", "--rerun-incomplete", "--configfile", str(config), cwd=workdir, timeout=300)
+    resumed, reference = final_metrics(workdir), final_metrics(reference_dir)
+    assert set(resumed) == set(reference) and len(resumed) == 3
+    for run_dir in reference:
+        assert accuracy_only(resumed[run_dir]) == accuracy_only(reference[run_dir]), run_dir
