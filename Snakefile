@@ -8,8 +8,6 @@
 # A config given with --configfile replaces config/config.yaml (it is not merged into it), so
 # each file under config/ describes a complete set of experiments. See config/README.md.
 
-import os
-
 from snakemake.utils import min_version, validate
 
 min_version("9.0")
@@ -28,8 +26,8 @@ include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/aggregate.smk"
 
 
-# Hyperparameter search plugs in here once workflow/rules/search.smk exists.
-if os.path.exists(os.path.join(workflow.basedir, "workflow", "rules", "search.smk")):
+# Optuna hyperparameter search: only when the config's `search.enabled` is true (see config/README.md).
+if config.get("search", {}).get("enabled"):
 
     include: "workflow/rules/search.smk"
 

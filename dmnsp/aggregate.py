@@ -202,12 +202,13 @@ def _settings_from_path(path: Path) -> dict[str, Any]:
     """Best guess for a run folder that does not exist: dataset/method/seed from path parts."""
     out: dict[str, Any] = dict.fromkeys(BASE_SETTINGS)
     seed = None
-    for part in path.parts:
+    for raw in path.parts:
+        part = raw.split("~", 1)[-1] if "~" in raw else raw  # workflow folders read key~value
         if part in _KNOWN_DATASETS:
             out["dataset"] = part
         if part in _KNOWN_METHODS:
             out["method"] = out["label"] = part
-        match = re.fullmatch(r"seed[_=-]?(\d+)", part)
+        match = re.fullmatch(r"seed[_=~-]?(\d+)", raw)
         if match:
             seed = int(match.group(1))
     out["seed"] = seed

@@ -79,13 +79,13 @@ def _write_provenance(cfg: dict, out_dir: Path, experiment: str, label: str, set
 def cmd_prepare_run(args) -> int:
     from .config import load_config, parse_overrides
 
-    settings = parse_overrides(args.overrides)
-    if args.settings_json:
-        settings.update(json.loads(args.settings_json))
-    cfg = load_config(args.config, settings)
     from .aggregate import derive_label
 
-    _write_provenance(cfg, Path(args.out_dir), args.experiment, args.label or derive_label(cfg), settings)
+    swept = parse_overrides(args.overrides)  # the run's own settings, recorded in run.json
+    settings = json.loads(args.settings_json) if args.settings_json else {}
+    settings.update(swept)
+    cfg = load_config(args.config, settings)
+    _write_provenance(cfg, Path(args.out_dir), args.experiment, args.label or derive_label(cfg), swept)
     return 0
 
 
@@ -151,10 +151,10 @@ def cmd_report_artifacts(args) -> int:
 def cmd_import_config(args) -> int:
     import yaml
 
-    from .hydra_import import import_hydra_config
+    from .hydra_import import hydra_workflow_config
     from .io import atomic_write_text
 
-    spec = import_hydra_config(args.hydra_config)
+    spec = hydra_workflow_config(args.hydra_config)
     text = yaml.safe_dump(spec, sort_keys=False)
     if args.out:
         atomic_write_text(args.out, text)
@@ -184,6 +184,121 @@ def cmd_list_datasets(args) -> int:
 
     print("\n".join(list_datasets()))
     return 0
+
+
+# ----------------------------------------------------------------------------------- search (begin)
+# Optuna hyperparameter search (dmnsp/search.py; workflow/rules/search.smk runs these commands).
+
+
+def _search_spec(args) -> dict:
+    from .search import SPEC_VERSION, SearchError, load_spec
+
+    if args.spec_json:
+        spec = json.loads(args.spec_json)
+        if not isinstance(spec, dict) or spec.get("version") != SPEC_VERSION:
+            raise SearchError(f"--spec-json is not a dmnsp search spec (version {SPEC_VERSION})")
+        return spec
+    return load_spec(args.spec)
+
+
+def cmd_search_create(args) -> int:
+    import yaml
+
+    from .io import atomic_write_json, atomic_write_text
+    from .search import create_study
+
+    spec = _search_spec(args)
+    info = create_study(spec)
+    if args.out_spec:
+        atomic_write_text(args.out_spec, yaml.safe_dump(spec, sort_keys=False))
+    if args.out:
+        atomic_write_json(args.out, info)
+    how = "created" if info["created"] else f"resumed ({info['existing_trials']} trials kept)"
+    print(f"study {info['study_name']} {how} in {info['storage']}")
+    return 0
+
+
+def cmd_search_worker(args) -> int:
+    from .io import atomic_write_json
+    from .search import run_worker
+
+    summary = run_worker(
+        _search_spec(args), args.worker, progress=not args.quiet, log=lambda line: print(line, flush=True)
+    )
+    if args.out:
+        atomic_write_json(args.out, summary)
+    print(
+        f"worker {args.worker}: {len(summary['trials'])} trials in {summary['seconds']:.0f} s; the study holds "
+        f"{summary['finished_after']} finished trials (budget {summary['n_trials']})"
+    )
+    return 0
+
+
+def cmd_search_export(args) -> int:
+    from .search import export_study
+
+    result = export_study(_search_spec(args), args.out_dir)
+    print(
+        f"best trial {result['trial']}: {result['objective']} {result['value']:.4f} with {result['params']}"
+    )
+    for problem in result["plots_not_drawn"].values():
+        print(f"note: {problem}")
+    return 0
+
+
+def cmd_search_prepare_run(args) -> int:
+    from .aggregate import derive_label
+    from .config import load_config
+    from .search import followup_settings, read_best, searched_label
+
+    settings = followup_settings(json.loads(args.settings_json), read_best(args.best))
+    cfg = load_config(None, settings)
+    label = args.label or searched_label(derive_label(cfg))
+    _write_provenance(cfg, Path(args.out_dir), args.experiment, label, settings)
+    return 0
+
+
+def _add_search_commands(sub) -> None:
+    def spec_args(p, create: bool = False) -> None:
+        group = p.add_mutually_exclusive_group(required=True)
+        group.add_argument("--spec", help="search spec YAML (written by search-create)")
+        group.add_argument(
+            "--spec-json",
+            help="search spec as one JSON object" + (" (as the workflow plans it)" if create else ""),
+        )
+
+    p = sub.add_parser("search-create", help="create the Optuna study of a search (or load it to resume)")
+    spec_args(p, create=True)
+    p.add_argument("--out-spec", help="write the spec here (spec.yaml, read by the workers and the export)")
+    p.add_argument("--out", help="write the study's name, storage and trial count here (JSON)")
+    p.set_defaults(func=cmd_search_create)
+
+    p = sub.add_parser(
+        "search-worker", help="run trials of a search's shared study until its budget is reached"
+    )
+    spec_args(p)
+    p.add_argument("--worker", type=int, default=0, help="worker index (seeds its sampler)")
+    p.add_argument("--out", help="write a summary of this worker's trials here (JSON)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_search_worker)
+
+    p = sub.add_parser("search-export", help="best_params.yaml, trials table and plots of a search")
+    spec_args(p)
+    p.add_argument("--out-dir", required=True)
+    p.set_defaults(func=cmd_search_export)
+
+    p = sub.add_parser(
+        "search-prepare-run", help="run folder of a follow-up run of the best searched setting"
+    )
+    p.add_argument("--best", required=True, help="best_params.yaml of the search")
+    p.add_argument("--settings-json", required=True, help="the run's other settings as one JSON object")
+    p.add_argument("--experiment", required=True)
+    p.add_argument("--label", help="display name in tables (default: the method's label plus 'searched')")
+    p.add_argument("--out-dir", required=True)
+    p.set_defaults(func=cmd_search_prepare_run)
+
+
+# ----------------------------------------------------------------------------------- search (end)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -233,7 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--expected-seeds", type=int)
     p.set_defaults(func=cmd_report_artifacts)
 
-    p = sub.add_parser("import-config", help="turn a reference Hydra config into a dmnsp experiment")
+    p = sub.add_parser("import-config",
+                       help="turn a reference Hydra config into a workflow config (use with --configfile)")
     p.add_argument("hydra_config")
     p.add_argument("--out")
     p.set_defaults(func=cmd_import_config)
@@ -248,6 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("list-datasets", help="supported datasets")
     p.set_defaults(func=cmd_list_datasets)
+    _add_search_commands(sub)  # search block above
     return parser
 
 

@@ -1,7 +1,7 @@
 """Experiment planning for the Snakemake workflow.
 
 A workflow config names *experiments*. Each experiment expands its axes (datasets, splits,
-methods plus ablations, hyperparameter grid, seeds) into runs. A run is one continual-learning
+methods plus ablations, hyperparameter points from a grid and/or a sweep sheet, seeds) into runs. A run is one continual-learning
 sequence: one folder ``results/<experiment>/runs/<run_id>`` whose ``run_id`` is made of readable
 ``key~value`` parts, e.g. ``dataset~cifar100/split~10-10/method~dmnsp/LAMBDA_SCALE~30/seed~0``.
 
@@ -13,6 +13,7 @@ value stops planning with the key named.
 from __future__ import annotations
 
 import copy
+import csv
 import hashlib
 import itertools
 import json
@@ -58,23 +59,31 @@ TRAINING_KEYS = frozenset(
         "adapter_dropout",
     }
 )
-PROJECTION_KEYS = frozenset(
-    {
-        "TOP_SELECT",
-        "TOP_K_RATIO",
-        "LAMBDA_SCALE",
-        "projection.towers",
-        "projection.layers",
-        "projection.lambda",
-        "projection.basis",
-        "projection.energy_threshold",
-    }
-)
+PROJECTION_KEYS = frozenset({"TOP_SELECT", "TOP_K_RATIO", "LAMBDA_SCALE"})
+# Every projection.* switch but the mode (which also picks the evaluation transform) is dmnsp's own.
+PROJECTION_PREFIX = "projection."
+SHARED_PROJECTION_KEYS = frozenset({"projection.mode"})
 UNUSED_KEYS: dict[str, frozenset] = {
     "zeroshot": TRAINING_KEYS | PROJECTION_KEYS,
     "finetune": PROJECTION_KEYS,
     "dmnsp": frozenset(),
 }
+
+
+# Ablations that make keys irrelevant: clean mode projects AdamW's update, where the coefficients
+# (and so TOP_K_RATIO and LAMBDA_SCALE) have no effect.
+ABLATION_UNUSED_KEYS: dict[str, frozenset] = {"mode-clean": frozenset({"TOP_K_RATIO", "LAMBDA_SCALE"})}
+
+
+def reads_key(method: str, key: str, ablation: str | None = None) -> bool:
+    """Whether runs of ``method`` (and ``ablation``) read run key ``key`` (dotted); sweeps skip keys
+    a run ignores."""
+    if method != "dmnsp" and key.startswith(PROJECTION_PREFIX) and key not in SHARED_PROJECTION_KEYS:
+        return False
+    if key in ABLATION_UNUSED_KEYS.get(ablation or "", frozenset()):
+        return False
+    return key not in UNUSED_KEYS.get(method, frozenset())
+
 
 # Run keys the pretraining of a small CLIP depends on (dmnsp pretrain); everything else (method,
 # seed, training and projection settings, the split) is shared by one pretrained checkpoint.
@@ -364,14 +373,18 @@ def _splits(spec: Mapping, base: Mapping) -> list[tuple[int, int]]:
     return parsed
 
 
+def _check_swept_key(where: str, key: str) -> None:
+    if key in AXES.values() or key in SPLIT_KEYS:
+        axis = "splits" if key in SPLIT_KEYS else next(a for a, k in AXES.items() if k == key)
+        raise ConfigError(f"'{where}': sweep {key} with the experiment's '{axis}' list instead")
+    if "~" in key or "/" in key or not key:
+        raise ConfigError(f"'{where}': key names may not be empty or contain '~' or '/'")
+
+
 def _grid(spec: Mapping) -> dict[str, list]:
     grid = flatten(spec.get("grid") or {})
     for key, values in grid.items():
-        if key in AXES.values() or key in SPLIT_KEYS:
-            axis = "splits" if key in SPLIT_KEYS else next(a for a, k in AXES.items() if k == key)
-            raise ConfigError(f"'grid.{key}': sweep it with the experiment's '{axis}' list instead")
-        if "~" in key or "/" in key:
-            raise ConfigError(f"'grid.{key}': key names may not contain '~' or '/'")
+        _check_swept_key(f"grid.{key}", key)
         if not isinstance(values, list) or not values:
             raise ConfigError(f"'grid.{key}' must be a non-empty list of values, got {values!r}")
         rendered = [format_value(v) for v in values]
@@ -380,7 +393,73 @@ def _grid(spec: Mapping) -> dict[str, list]:
     return grid
 
 
-def _variants(spec: Mapping, methods: list, grid: Mapping) -> list[tuple[str, str | None]]:
+@cache
+def read_sheet(path: str) -> tuple[dict, ...]:
+    """Rows of a sweep sheet (TSV, or CSV by extension): one hyperparameter point per row.
+
+    Columns are run keys (dotted for nested ones, e.g. ``projection.mode``); cells are parsed as
+    YAML scalars (``0.001``, ``clean``, ``true``); an empty cell leaves that key unset for the row.
+    Lines starting with ``#`` are comments.
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"'sheet': {path} does not exist")
+    delimiter = "," if file.suffix.lower() == ".csv" else "\t"
+    lines = [
+        line for line in file.read_text().splitlines() if line.strip() and not line.lstrip().startswith("#")
+    ]
+    reader = csv.reader(lines, delimiter=delimiter)
+    header = [h.strip() for h in next(reader, [])]
+    if not header or len(set(header)) != len(header):
+        raise ConfigError(f"'sheet': {path} needs a header row of distinct run keys, got {header}")
+    for key in header:
+        _check_swept_key(f"sheet.{key}", key)
+    rows = []
+    for number, cells in enumerate(reader, start=2):
+        if len(cells) != len(header):
+            raise ConfigError(
+                f"'sheet': {path} row {number} has {len(cells)} cells for {len(header)} columns"
+            )
+        row = {}
+        for key, cell in zip(header, cells, strict=True):
+            if cell.strip():
+                try:
+                    row[key] = yaml.safe_load(cell.strip())
+                except yaml.YAMLError as exc:
+                    raise ConfigError(
+                        f"'sheet.{key}': row {number} value {cell!r} is not a scalar: {exc}"
+                    ) from None
+        rows.append(row)
+    if not rows:
+        raise ConfigError(f"'sheet': {path} has no rows")
+    return tuple(rows)
+
+
+def _points(spec: Mapping, grid: Mapping[str, list]) -> list[dict]:
+    """Hyperparameter points: the grid's product, times the sheet's rows when there is a sheet."""
+    points = [dict(zip(grid, combo, strict=True)) for combo in itertools.product(*grid.values())]
+    if spec.get("sheet"):
+        rows = read_sheet(str(spec["sheet"]))
+        clash = sorted(set(grid) & {k for row in rows for k in row})
+        if clash:
+            raise ConfigError(f"'sheet.{clash[0]}' is also in 'grid'; sweep each key in one place")
+        points = [{**point, **row} for point in points for row in rows]
+    return points
+
+
+def _project(points: list[dict], method: str, ablation: str | None = None) -> list[dict]:
+    """The points restricted to the keys a run reads, duplicates removed (order kept)."""
+    out, seen = [], set()
+    for point in points:
+        kept = {k: v for k, v in point.items() if reads_key(method, k, ablation)}
+        marker = json.dumps(kept, sort_keys=True, default=str)
+        if marker not in seen:
+            seen.add(marker)
+            out.append(kept)
+    return out
+
+
+def _variants(spec: Mapping, methods: list, swept_keys: set) -> list[tuple[str, str | None]]:
     out = [(method, None) for method in methods]
     ablations = spec.get("ablations") or []
     if len(set(ablations)) != len(ablations):
@@ -388,9 +467,9 @@ def _variants(spec: Mapping, methods: list, grid: Mapping) -> list[tuple[str, st
     for name in ablations:
         if name not in ABLATIONS:
             raise ConfigError(f"'ablations': {name!r} is not one of {sorted(ABLATIONS)}")
-        clash = set(ABLATIONS[name]) & set(grid)
+        clash = set(ABLATIONS[name]) & swept_keys
         if clash:
-            raise ConfigError(f"'grid.{sorted(clash)[0]}' conflicts with ablation {name!r}; drop one of them")
+            raise ConfigError(f"'{sorted(clash)[0]}' is swept and set by ablation {name!r}; drop one of them")
         out.append(("dmnsp", name))
     if not out:
         raise ConfigError("'methods': the experiment has neither methods nor ablations")
@@ -430,12 +509,14 @@ def expand_experiment(
     Args:
         name: experiment name (a folder name).
         spec: the experiment mapping of the workflow config (``datasets``, ``splits``, ``methods``,
-            ``ablations``, ``seeds``, ``grid``, ``run``, ``pretrain_first``, ``num_classes``).
+            ``ablations``, ``seeds``, ``grid``, ``sheet``, ``run``, ``pretrain_first``,
+            ``num_classes``).
         shared: run keys shared by every experiment (the workflow config's top-level ``run``).
 
     Returns:
-        The runs (datasets × splits × method variants × grid of the keys each method uses ×
-        seeds) and the pretraining jobs they need, keyed by folder.
+        The runs (datasets × splits × method variants × hyperparameter points × seeds, where a
+        method's points keep only the keys it reads, so it is never duplicated over the others)
+        and the pretraining jobs they need, keyed by folder.
 
     Raises:
         ConfigError: naming the experiment, the run and the offending key.
@@ -447,8 +528,6 @@ def expand_experiment(
 
 
 def _expand(name: str, spec: Mapping, shared: Mapping) -> tuple[list[RunSpec], dict[str, PretrainSpec]]:
-    from .aggregate import derive_label  # the tables' own naming, so labels match reported methods
-
     base = flatten(shared)
     base.update(flatten(spec.get("run") or {}))
     datasets = _axis(spec, base, "datasets", "fashion-mnist")
@@ -456,7 +535,8 @@ def _expand(name: str, spec: Mapping, shared: Mapping) -> tuple[list[RunSpec], d
     methods = _axis(spec, base, "methods", "dmnsp") if spec.get("methods") != [] else []
     seeds = _axis(spec, base, "seeds", 0)
     grid = _grid(spec)
-    variants = _variants(spec, methods, grid)
+    points = _points(spec, grid)
+    variants = _variants(spec, methods, {k for point in points for k in point})
     fixed = {k: v for k, v in base.items() if k not in AXES.values() and k not in SPLIT_KEYS}
     pretrain_first = bool(spec.get("pretrain_first", False))
     num_classes = spec.get("num_classes")
@@ -464,12 +544,9 @@ def _expand(name: str, spec: Mapping, shared: Mapping) -> tuple[list[RunSpec], d
     runs: list[RunSpec] = []
     pretrains: dict[str, PretrainSpec] = {}
     for dataset, (initial, increment), (method, ablation) in itertools.product(datasets, splits, variants):
-        unused = UNUSED_KEYS.get(method, frozenset())
-        keys = [k for k in grid if k not in unused]
-        for combo in itertools.product(*(grid[k] for k in keys)):
-            point = dict(zip(keys, combo, strict=True))
+        for point in _project(points, method, ablation):
             for seed in seeds:
-                settings = {k: v for k, v in fixed.items() if k not in unused}
+                settings = {k: v for k, v in fixed.items() if reads_key(method, k, ablation)}
                 swept = {
                     "dataset": dataset,
                     "initial_increment": initial,
@@ -480,16 +557,7 @@ def _expand(name: str, spec: Mapping, shared: Mapping) -> tuple[list[RunSpec], d
                 swept.update(point)
                 swept["seed"] = seed
                 settings.update(swept)
-                parts = [
-                    f"dataset~{format_value(dataset)}",
-                    f"split~{initial}-{increment}",
-                    f"method~{method}",
-                ]
-                if ablation:
-                    parts.append(f"ablation~{ablation}")
-                parts += [f"{k}~{format_value(v)}" for k, v in point.items()]
-                parts.append(f"seed~{format_value(seed)}")
-                run_id = "/".join(parts)
+                run_id = run_path(dataset, (initial, increment), method, ablation, point, seed)
                 try:
                     cfg = _validated(settings)
                     pre = None
@@ -501,7 +569,7 @@ def _expand(name: str, spec: Mapping, shared: Mapping) -> tuple[list[RunSpec], d
                     n_tasks = task_count(cfg, num_classes)
                 except ConfigError as exc:
                     raise ConfigError(f"run '{run_id}': {exc}") from None
-                label = derive_label(cfg)
+                label = run_label(method, ablation)
                 runs.append(
                     RunSpec(
                         experiment=name,
@@ -516,6 +584,35 @@ def _expand(name: str, spec: Mapping, shared: Mapping) -> tuple[list[RunSpec], d
                     )
                 )
     return runs, pretrains
+
+
+def run_path(
+    dataset: str,
+    split: tuple[int, int],
+    method: str,
+    ablation: str | None,
+    point: Mapping[str, Any],
+    seed: Any,
+) -> str:
+    """``dataset~D/split~I-I/method~M[/ablation~A][/KEY~VALUE...]/seed~S``."""
+    parts = [f"dataset~{format_value(dataset)}", f"split~{split[0]}-{split[1]}", f"method~{method}"]
+    if ablation:
+        parts.append(f"ablation~{ablation}")
+    parts += [f"{key}~{format_value(value)}" for key, value in point.items()]
+    parts.append(f"seed~{format_value(seed)}")
+    return "/".join(parts)
+
+
+def run_label(method: str, ablation: str | None = None) -> str:
+    """Method label of the tables: ``dmnsp``, or ``dmnsp (towers=both)`` for an ablation.
+
+    Grid values and seeds are not part of it (the tables show them as columns), so a label stays
+    stable when the grid grows, and Snakemake's params trigger does not rerun finished runs.
+    """
+    if not ablation:
+        return method
+    switches = ", ".join(f"{key.rsplit('.', 1)[-1]}={value}" for key, value in ABLATIONS[ablation].items())
+    return f"{method} ({switches})"
 
 
 def expand_all(config: Mapping[str, Any]) -> Plan:

@@ -19,6 +19,7 @@ from dmnsp.experiments import (
     expand_experiment,
     format_value,
     parse_split,
+    reads_key,
     resources_for,
     unflatten,
 )
@@ -65,12 +66,15 @@ def test_embedded_default_expands_without_duplicating_zeroshot():
     (name,) = plan.experiments
     runs = plan.experiments[name]
     groups = by_method(runs)
-    # LAMBDA_SCALE [1, 30] × 2 seeds for dmnsp; zeroshot and finetune ignore LAMBDA_SCALE.
-    assert {m: len(r) for m, r in groups.items()} == {"zeroshot": 2, "finetune": 2, "dmnsp": 4}
+    # LAMBDA_SCALE [1, 30] × 2 seeds for dmnsp; zeroshot, finetune and the clean ablation (which
+    # projects AdamW's update, where the coefficients do nothing) ignore LAMBDA_SCALE.
+    assert {m: len(r) for m, r in groups.items()} == {"zeroshot": 2, "finetune": 2, "dmnsp": 6}
     assert all(run.n_tasks == 5 for run in runs)
-    assert sum(run.n_tasks for run in runs) == 40
+    assert sum(run.n_tasks for run in runs) == 50
+    clean = [run for run in groups["dmnsp"] if run.settings.get("projection.mode") == "clean"]
+    assert len(clean) == 2 and all("LAMBDA_SCALE" not in run.settings for run in clean)
     assert all("LAMBDA_SCALE" not in run.settings for run in groups["zeroshot"] + groups["finetune"])
-    assert sorted(run.settings["LAMBDA_SCALE"] for run in groups["dmnsp"]) == [1, 1, 30, 30]
+    assert sorted(run.settings["LAMBDA_SCALE"] for run in groups["dmnsp"] if run not in clean) == [1, 1, 30, 30]
     # One pretraining job, shared by every run.
     assert len(plan.pretrains) == 1
     (pre,) = plan.pretrains.values()
@@ -94,30 +98,70 @@ def test_run_paths_are_readable_key_value_parts():
 
 
 def test_grid_only_multiplies_the_methods_that_read_the_key():
-    grid = {"TOP_K_RATIO": [0.05, 0.1, 0.2], "lr": [0.001, 0.01], "projection.mode": ["faithful", "clean"]}
+    grid = {
+        "TOP_K_RATIO": [0.05, 0.1, 0.2],
+        "lr": [0.001, 0.01],
+        "projection.mode": ["faithful", "clean"],
+        "projection.layers": ["multi", "single"],
+    }
     runs, _ = expand_experiment("e", spec(grid=grid, seeds=[0]))
     counts = {m: len(r) for m, r in by_method(runs).items()}
     # zeroshot: only projection.mode (it sets the evaluation transform); finetune: lr × mode;
     # dmnsp: everything.
-    assert counts == {"zeroshot": 2, "finetune": 4, "dmnsp": 12}
+    assert counts == {"zeroshot": 2, "finetune": 4, "dmnsp": 24}
     for run in by_method(runs)["zeroshot"]:
         assert "lr" not in run.settings and "TOP_K_RATIO" not in run.settings
+    assert all("projection.layers" not in run.settings for run in by_method(runs)["finetune"])
+
+
+@pytest.mark.parametrize(
+    ("method", "key", "reads"),
+    [
+        ("zeroshot", "lr", False),
+        ("zeroshot", "projection.mode", True),
+        ("zeroshot", "max_test_per_class", True),
+        ("finetune", "lr", True),
+        ("finetune", "LAMBDA_SCALE", False),
+        ("finetune", "projection.target", False),
+        ("dmnsp", "projection.target", True),
+        ("dmnsp", "max_train_per_class", True),
+    ],
+)
+def test_reads_key(method, key, reads):
+    assert reads_key(method, key) is reads
 
 
 def test_shared_keys_a_method_ignores_are_dropped_from_its_runs():
-    runs, _ = expand_experiment("e", spec(run={"model_name": "dmnsp-tiny", "pretrained": None, "lr": 0.01,
-                                              "LAMBDA_SCALE": 10.0, "adapter_dim": 8}))
+    runs, _ = expand_experiment(
+        "e",
+        spec(
+            run={
+                "model_name": "dmnsp-tiny",
+                "pretrained": None,
+                "lr": 0.01,
+                "LAMBDA_SCALE": 10.0,
+                "adapter_dim": 8,
+            }
+        ),
+    )
     groups = by_method(runs)
     assert {"lr", "LAMBDA_SCALE", "adapter_dim"}.isdisjoint(groups["zeroshot"][0].settings)
-    assert groups["finetune"][0].settings["lr"] == 0.01 and "LAMBDA_SCALE" not in groups["finetune"][0].settings
+    assert (
+        groups["finetune"][0].settings["lr"] == 0.01 and "LAMBDA_SCALE" not in groups["finetune"][0].settings
+    )
     assert groups["dmnsp"][0].settings["LAMBDA_SCALE"] == 10.0
 
 
 def test_top_level_run_keys_are_shared_and_overridable():
-    plan = expand_all({"run": {"lr": 0.01, "epochs": 2},
-                       "experiments": {"a": spec(methods=["dmnsp"]),
-                                       "b": spec(methods=["dmnsp"], run={"model_name": "dmnsp-tiny",
-                                                                         "pretrained": None, "lr": 0.1})}})
+    plan = expand_all(
+        {
+            "run": {"lr": 0.01, "epochs": 2},
+            "experiments": {
+                "a": spec(methods=["dmnsp"]),
+                "b": spec(methods=["dmnsp"], run={"model_name": "dmnsp-tiny", "pretrained": None, "lr": 0.1}),
+            },
+        }
+    )
     assert {r.settings["lr"] for r in plan.experiments["a"]} == {0.01}
     assert {r.settings["lr"] for r in plan.experiments["b"]} == {0.1}
     assert {r.settings["epochs"] for r in plan.runs.values()} == {2}
@@ -136,15 +180,35 @@ def test_ablations_are_dmnsp_variants_with_their_switch():
 
 
 def test_axes_split_and_task_counts():
-    runs, _ = expand_experiment("e", spec(datasets=["cifar100", "tinyimagenet"], splits=["10-10", "100-20"],
-                                          methods=["zeroshot"], seeds=[0]))
+    runs, _ = expand_experiment(
+        "e",
+        spec(
+            datasets=["cifar100", "tinyimagenet"], splits=["10-10", "100-20"], methods=["zeroshot"], seeds=[0]
+        ),
+    )
     tasks = {(r.settings["dataset"], r.settings["initial_increment"]): r.n_tasks for r in runs}
-    assert tasks == {("cifar100", 10): 10, ("cifar100", 100): 1, ("tinyimagenet", 10): 20, ("tinyimagenet", 100): 6}
+    assert tasks == {
+        ("cifar100", 10): 10,
+        ("cifar100", 100): 1,
+        ("tinyimagenet", 10): 20,
+        ("tinyimagenet", 100): 6,
+    }
 
 
 def test_axes_fall_back_to_run_keys():
-    runs, _ = expand_experiment("e", {"run": {"dataset": "cifar100", "initial_increment": 5, "increment": 5,
-                                              "method": "finetune", "seed": 3, "pretrained": None}})
+    runs, _ = expand_experiment(
+        "e",
+        {
+            "run": {
+                "dataset": "cifar100",
+                "initial_increment": 5,
+                "increment": 5,
+                "method": "finetune",
+                "seed": 3,
+                "pretrained": None,
+            }
+        },
+    )
     (run,) = runs
     assert run.run_id == "dataset~cifar100/split~5-5/method~finetune/seed~3"
     assert run.n_tasks == 20
@@ -163,14 +227,67 @@ def test_imagefolder_needs_a_class_count():
 def test_class_order_file_sets_the_class_count(tmp_path):
     order = tmp_path / "order.yaml"
     order.write_text(yaml.safe_dump({"class_order": list(range(6))}))
-    runs, _ = expand_experiment("e", spec(datasets=["imagefolder"], methods=["zeroshot"], seeds=[0],
-                                          run={"class_order": str(order), "pretrained": None}))
+    runs, _ = expand_experiment(
+        "e",
+        spec(
+            datasets=["imagefolder"],
+            methods=["zeroshot"],
+            seeds=[0],
+            run={"class_order": str(order), "pretrained": None},
+        ),
+    )
     assert runs[0].n_tasks == 3
 
 
+def test_sweep_sheet_rows_are_points(tmp_path):
+    sheet = tmp_path / "points.tsv"
+    sheet.write_text(
+        "# hand-picked points\nlr\tTOP_K_RATIO\tprojection.mode\n0.001\t0.1\t\n0.01\t0.2\tclean\n"
+    )
+    runs, _ = expand_experiment("e", spec(sheet=str(sheet), seeds=[0], grid={"LAMBDA_SCALE": [1, 30]}))
+    groups = by_method(runs)
+    # zeroshot reads only projection.mode (two distinct values: unset and clean); finetune reads
+    # lr and projection.mode (two rows); dmnsp reads everything: 2 rows × 2 LAMBDA_SCALE.
+    assert {m: len(r) for m, r in groups.items()} == {"zeroshot": 2, "finetune": 2, "dmnsp": 4}
+    ids = {run.run_id for run in runs}
+    assert (
+        "dataset~fashion-mnist/split~2-2/method~dmnsp/LAMBDA_SCALE~30/lr~0.01/TOP_K_RATIO~0.2/projection.mode~clean/seed~0"
+        in ids
+    )
+    assert "dataset~fashion-mnist/split~2-2/method~finetune/lr~0.001/seed~0" in ids
+    csv_sheet = tmp_path / "points.csv"
+    csv_sheet.write_text("lr,epochs\n0.001,2\n")
+    runs, _ = expand_experiment("e", spec(sheet=str(csv_sheet), methods=["finetune"], seeds=[0]))
+    assert runs[0].settings["lr"] == 0.001 and runs[0].settings["epochs"] == 2
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("lr\n-1\n", "'lr'"),
+        ("lrr\n0.1\n", "'lrr'"),
+        ("seed\n1\n", "'sheet.seed'"),
+        ("lr\tepochs\n0.1\n", "'sheet'"),
+        ("LAMBDA_SCALE\n3\n", "'sheet.LAMBDA_SCALE'"),
+        ("lr\n", "'sheet'"),
+    ],
+)
+def test_bad_sweep_sheets_name_the_column(tmp_path, text, key):
+    sheet = tmp_path / "bad.tsv"
+    sheet.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        expand_experiment("e", spec(sheet=str(sheet), grid={"LAMBDA_SCALE": [1, 30]}))
+    assert key in str(err.value)
+    with pytest.raises(ConfigError, match="'sheet'"):
+        expand_experiment("e", spec(sheet=str(tmp_path / "missing.tsv")))
+
+
 def test_pretraining_is_shared_and_keyed_by_its_settings():
-    exp = spec(pretrain_first=True, grid={"LAMBDA_SCALE": [1, 30]},
-               run={"model_name": "dmnsp-tiny", "pretrain_per_class": 50, "pretrain": {"steps": 10}})
+    exp = spec(
+        pretrain_first=True,
+        grid={"LAMBDA_SCALE": [1, 30]},
+        run={"model_name": "dmnsp-tiny", "pretrain_per_class": 50, "pretrain": {"steps": 10}},
+    )
     runs, pre = expand_experiment("e", exp)
     assert len(pre) == 1 and all(run.pretrain_id in pre for run in runs)
     (pid,) = pre
@@ -196,7 +313,10 @@ def test_pretraining_is_shared_and_keyed_by_its_settings():
         ({"grid": {"seed": [0, 1]}}, "'grid.seed'"),
         ({"grid": {"LAMBDA_SCALE": 30}}, "'grid.LAMBDA_SCALE'"),
         ({"grid": {"TOP_K_RATIO": [0.1, -0.5]}}, "'TOP_K_RATIO'"),
-        ({"ablations": ["towers-both"], "grid": {"projection.towers": ["visual", "both"]}}, "projection.towers"),
+        (
+            {"ablations": ["towers-both"], "grid": {"projection.towers": ["visual", "both"]}},
+            "projection.towers",
+        ),
         ({"ablations": ["no-such"]}, "'ablations'"),
         ({"run": {"dataset": "cifar100", "pretrained": None}}, "'dataset'"),
         ({"pretrain_first": True, "run": {"pretrain_per_class": 10, "pretrained": "x.pt"}}, "'pretrained'"),
@@ -232,8 +352,22 @@ def test_format_value_is_path_safe_and_distinct():
 # ------------------------------------------------------------------------------ command lines
 
 
-VALUES = [0.001, 1e-5, 30, 30.0, "30", "a bad photo of a {}.", "it's: odd", None, True, [3, 1, 2], "", "null",
-          "ViT-B/16", ["a photo of a {}.", "x"]]
+VALUES = [
+    0.001,
+    1e-5,
+    30,
+    30.0,
+    "30",
+    "a bad photo of a {}.",
+    "it's: odd",
+    None,
+    True,
+    [3, 1, 2],
+    "",
+    "null",
+    "ViT-B/16",
+    ["a photo of a {}.", "x"],
+]
 
 
 @pytest.mark.parametrize("value", VALUES, ids=range(len(VALUES)))
@@ -263,10 +397,18 @@ def test_resource_rows_apply_in_order():
         {"rule": ["train_task", "pretrain_model"], "dataset": "tinyimagenet", "runtime": 300},
     ]
     assert resources_for(table, "train_task", "cifar100", "ViT-B-16") == {
-        "mem_mb": 16000, "runtime": 5, "threads": 4, "gpu": 1}
+        "mem_mb": 16000,
+        "runtime": 5,
+        "threads": 4,
+        "gpu": 1,
+    }
     assert resources_for(table, "train_task", "tinyimagenet", "ViT-B-16")["runtime"] == 300
     assert resources_for(table, "compute_metrics", "tinyimagenet", "ViT-B-16") == {
-        "mem_mb": 1000, "runtime": 5, "threads": 1, "gpu": 0}
+        "mem_mb": 1000,
+        "runtime": 5,
+        "threads": 1,
+        "gpu": 0,
+    }
     assert resources_for(None, "train_task")["gpu"] == 0
     with pytest.raises(ConfigError, match="resources"):
         resources_for([{"cpus": 2}], "train_task")
@@ -285,8 +427,9 @@ def test_paper_configs_expand(path):
     n_classes = {"cifar100": 100, "tinyimagenet": 200}[dataset]
     assert len(runs) == 3 * (3 + 5)  # 3 seeds × (zeroshot, finetune, dmnsp + 5 ablations)
     assert {run.n_tasks for run in runs} == {1 + (n_classes - initial) // increment}
-    assert all(run.model_name == "ViT-B-16" and run.settings.get("pretrained", "openai") == "openai"
-               for run in runs)
+    assert all(
+        run.model_name == "ViT-B-16" and run.settings.get("pretrained", "openai") == "openai" for run in runs
+    )
     assert plan.expected_seeds[name] == 3 and not plan.pretrains
 
 
@@ -324,8 +467,13 @@ def test_hydra_import_maps_the_reference_config(tmp_path):
     exp = import_hydra_config(path)
     assert exp["datasets"] == ["cifar100"] and exp["splits"] == ["10-10"] and exp["methods"] == ["dmnsp"]
     assert exp["run"] == {
-        "model_name": "ViT-B-16", "pretrained": "openai", "prompt_template": "a bad photo of a {}.",
-        "batch_size": 128, "lr": 0.001, "weight_decay": 0.0, "ls": 0.0,
+        "model_name": "ViT-B-16",
+        "pretrained": "openai",
+        "prompt_template": "a bad photo of a {}.",
+        "batch_size": 128,
+        "lr": 0.001,
+        "weight_decay": 0.0,
+        "ls": 0.0,
     }
     # The imported experiment plans like any other.
     runs, _ = expand_experiment("imported", exp)
@@ -335,8 +483,14 @@ def test_hydra_import_maps_the_reference_config(tmp_path):
 
 
 def test_hydra_interpolation_keeps_types_and_substitutes_text():
-    exp = convert_hydra_config({"initial_increment": 5, "increment": "${initial_increment}", "dataset": "cifar100",
-                                "prompt_template": "a ${dataset} photo of a {}."})
+    exp = convert_hydra_config(
+        {
+            "initial_increment": 5,
+            "increment": "${initial_increment}",
+            "dataset": "cifar100",
+            "prompt_template": "a ${dataset} photo of a {}.",
+        }
+    )
     assert exp["splits"] == ["5-5"] and exp["run"]["prompt_template"] == "a cifar100 photo of a {}."
 
 
@@ -367,7 +521,24 @@ def test_hydra_import_missing_file(tmp_path):
 
 @pytest.mark.parametrize(
     ("name", "expected"),
-    [("ViT-B/16", "ViT-B-16"), ("ViT-L/14@336px", "ViT-L-14-336"), ("RN50", "RN50"), ("dmnsp-tiny", "dmnsp-tiny")],
+    [
+        ("ViT-B/16", "ViT-B-16"),
+        ("ViT-L/14@336px", "ViT-L-14-336"),
+        ("RN50", "RN50"),
+        ("dmnsp-tiny", "dmnsp-tiny"),
+    ],
 )
 def test_open_clip_model_names(name, expected):
     assert open_clip_model_name(name) == expected
+
+
+def test_import_config_command_writes_a_plannable_experiment(tmp_path):
+    from dmnsp.cli import main
+
+    source, out = tmp_path / "ref.yaml", tmp_path / "exp.yaml"
+    source.write_text(HYDRA)
+    assert main(["import-config", str(source), "--out", str(out)]) == 0
+    written = yaml.safe_load(out.read_text())
+    exp = written["experiments"]["cifar100-10-10-dmnsp"] if "experiments" in written else written
+    plan = expand_all({"experiments": {"imported": exp}})
+    assert [run.n_tasks for run in plan.runs.values()] == [10]

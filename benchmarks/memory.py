@@ -1,0 +1,396 @@
+"""Peak memory of a training job: one CLIP in memory, and nothing that grows from task to task
+except the null-space bases (D × (D-1) floats per layer per task in faithful mode).
+
+    .venv/bin/python benchmarks/memory.py            # tiny 5-task run + ViT-B-16 job phases (~5 min)
+    .venv/bin/python benchmarks/memory.py --quick    # tiny run only, few steps (under a minute)
+
+Each measurement runs in a fresh child process. The peak resident set (VmHWM) is reset before
+each phase by writing 5 to /proc/self/clear_refs (Linux), so every phase and every task has its
+own peak instead of the process's running maximum; where resetting is not allowed the running
+maximum (ru_maxrss) is shown instead and said so.
+
+Part 1, tiny CLIP (12 layers, width 64), Fashion-MNIST 2-2, 5 tasks in one process as
+``dmnsp run`` does: per task the peak and final RSS, live tensors (count and bytes, found through
+the garbage collector), the bases' bytes and the number of CLIP models alive. Expected growth per
+task: 12 × 64 × 63 float32 = 189 KiB (faithful concat, visual tower).
+
+Part 2, ViT-B-16 (random init, adapters r=64; Fashion-MNIST resized to 224 px as a stand-in), the
+phases of a resumed ``train-task`` job at task 9 with 9 tasks of bases in its checkpoint: imports,
+session (data + model), checkpoint load, one training step of batch 8 + bases + evaluation,
+checkpoint save.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (  # noqa: E402
+    cores,
+    fashion_root,
+    load_line,
+    machine_line,
+    python,
+    run_measured,
+    table,
+    verdict,
+    write_yaml,
+)
+
+MiB = 2**20
+SLACK_MIB = 16.0  # allocator, GC-timing and page noise on top of the bases (per-task peaks vary ~±10 MiB)
+
+
+# ------------------------------------------------------------------------------------ in the child
+
+
+def _status() -> dict[str, float]:
+    out = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            out[key] = int(value.split()[0]) / 1024
+    return out
+
+
+def _trim() -> None:
+    """Collect garbage and hand free heap pages back (glibc), so RSS readings compare across tasks."""
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _reset_peak() -> bool:
+    _trim()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak(resettable: bool) -> float:
+    return _status()["VmHWM"] if resettable else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _live_tensors() -> tuple[int, float]:
+    """Tensors reachable by the garbage collector: count and MiB (shared storages counted once)."""
+    import torch
+
+    gc.collect()
+    seen, count, size = set(), 0, 0
+    for obj in gc.get_objects():
+        try:
+            if not isinstance(obj, torch.Tensor):
+                continue
+            storage = obj.untyped_storage()
+        except Exception:  # noqa: BLE001 - exotic objects (weakrefs to freed things) may refuse
+            continue
+        count += 1
+        key = (storage.data_ptr(), obj.device.type)
+        if key not in seen:
+            seen.add(key)
+            size += storage.nbytes()
+    return count, size / MiB
+
+
+def _clip_models() -> int:
+    import open_clip
+
+    kinds = tuple(
+        c for c in (getattr(open_clip, "CLIP", None), getattr(open_clip, "CustomTextCLIP", None)) if c
+    )
+    return sum(isinstance(o, kinds) for o in gc.get_objects())
+
+
+def child_tiny(cfg_path: str) -> None:
+    resettable = _reset_peak()
+    from dmnsp.checkpoint import TaskState
+    from dmnsp.config import load_config
+    from dmnsp.runner import Session
+
+    cfg = load_config(cfg_path)
+    session = Session(cfg, progress=False)
+    state = TaskState()
+    print(
+        json.dumps(
+            {
+                "phase": "session",
+                "rss": _status()["VmRSS"],
+                "peak": _peak(resettable),
+                "clips": _clip_models(),
+                "resettable": resettable,
+            }
+        ),
+        flush=True,
+    )
+    for t in range(session.n_tasks):
+        _reset_peak()
+        state, row, diag = session.run_task(t, state)
+        peak = _peak(resettable)
+        del row, diag
+        count, mib = _live_tensors()
+        _trim()
+        bases = sum(v.numel() * v.element_size() for vs in state.bases.values() for v in vs) / MiB
+        print(
+            json.dumps(
+                {
+                    "task": t,
+                    "peak": peak,
+                    "rss": _status()["VmRSS"],
+                    "tensors": count,
+                    "tensor_mib": mib,
+                    "bases_mib": bases,
+                    "clips": _clip_models(),
+                    "columns": [int(v.shape[1]) for v in state.bases.get("visual", [])][:1],
+                }
+            ),
+            flush=True,
+        )
+
+
+def child_vit(cfg_path: str, resume: str, out_dir: str) -> None:
+    resettable = _reset_peak()
+
+    def phase(name: str, t0: float, **extra) -> None:
+        print(
+            json.dumps(
+                {
+                    "phase": name,
+                    "peak": _peak(resettable),
+                    "rss": _status()["VmRSS"],
+                    "seconds": time.perf_counter() - t0,
+                    **extra,
+                }
+            ),
+            flush=True,
+        )
+        _reset_peak()
+
+    t0 = time.perf_counter()
+    import torch  # noqa: F401
+
+    from dmnsp.checkpoint import load_checkpoint
+    from dmnsp.config import load_config
+    from dmnsp.runner import Session, write_task_outputs
+
+    phase("imports", t0)
+    cfg = load_config(cfg_path)
+    t0 = time.perf_counter()
+    session = Session(cfg, progress=False)
+    params = sum(p.numel() * p.element_size() for p in session.model.parameters()) / MiB
+    phase("session: data + model", t0, clips=_clip_models(), params_mib=params)
+    t0 = time.perf_counter()
+    state = load_checkpoint(resume, cfg, expect_task=8)
+    bases = sum(v.numel() * v.element_size() for vs in state.bases.values() for v in vs) / MiB
+    phase("checkpoint load", t0, bases_mib=bases, file_mib=Path(resume).stat().st_size / MiB)
+    t0 = time.perf_counter()
+    state, row, diag = session.run_task(9, state)
+    bases = sum(v.numel() * v.element_size() for vs in state.bases.values() for v in vs) / MiB
+    phase("task 9: 1 step (batch 8) + bases + eval", t0, bases_mib=bases, clips=_clip_models())
+    t0 = time.perf_counter()
+    write_task_outputs(out_dir, state, row, diag, cfg)
+    phase("checkpoint save", t0, file_mib=(Path(out_dir) / "checkpoint.pt").stat().st_size / MiB)
+
+
+# ------------------------------------------------------------------------------------ in the parent
+
+
+def _lines(output: str) -> list[dict]:
+    return [json.loads(line) for line in output.splitlines() if line.startswith("{")]
+
+
+def tiny(tmp: Path, quick: bool) -> list[list]:
+    cfg = {
+        "dataset": "fashion-mnist",
+        "dataset_root": str(fashion_root(tmp / "data")),
+        "model_name": "dmnsp-tiny",
+        "pretrained": None,
+        "initial_increment": 2,
+        "increment": 2,
+        "max_train_per_class": 600,
+        "max_test_per_class": 500,
+        "adapter_dim": 16,
+        "batch_size": 128,
+        "epochs": 4,
+        "method": "dmnsp",
+        "device": "cpu",
+        "threads": cores(),
+        "num_workers": 0,
+        "max_steps": 5 if quick else None,
+    }
+    path = write_yaml(tmp / "tiny.yaml", cfg)
+    res = run_measured([python(), __file__, "--child-tiny", str(path)], timeout=3600)
+    if res["rc"] != 0:
+        raise RuntimeError(res["output"][-3000:])
+    lines = _lines(res["output"])
+    session, tasks = lines[0], [x for x in lines if "task" in x]
+    per_task = 12 * 64 * 63 * 4 / MiB
+    rows = [
+        [
+            "session (data + model)",
+            f"{session['peak']:.1f}",
+            f"{session['rss']:.1f}",
+            "-",
+            "-",
+            "-",
+            session["clips"],
+        ]
+    ]
+    for x in tasks:
+        rows.append(
+            [
+                f"task {x['task']}",
+                f"{x['peak']:.1f}",
+                f"{x['rss']:.1f}",
+                x["tensors"],
+                f"{x['tensor_mib']:.3f}",
+                f"{x['bases_mib']:.3f}",
+                x["clips"],
+            ]
+        )
+    how = "per-task peak (VmHWM reset per task)" if session["resettable"] else "running max (ru_maxrss)"
+    print(
+        table(
+            rows,
+            [
+                f"tiny, {'max_steps 5' if quick else 'full 41 steps'} per task",
+                f"{how} MiB",
+                "RSS at end, after gc + trim, MiB",
+                "live tensors",
+                "tensor MiB",
+                "bases MiB",
+                "CLIP models",
+            ],
+        )
+    )
+    t1, t3 = tasks[1], tasks[3]
+    expected = 2 * per_task
+    d_peak, d_tensor = t3["peak"] - t1["peak"], t3["tensor_mib"] - t1["tensor_mib"]
+    print(
+        f"  bases growth per task: 12 layers x 64 x 63 float32 = {per_task * 1024:.0f} KiB; "
+        f"task 1 -> 3 expected +{expected:.3f} MiB"
+    )
+    print(
+        f"  task 1 -> 3: peak {d_peak:+.2f} MiB, live tensor bytes {d_tensor:+.3f} MiB, live tensors "
+        f"{t3['tensors'] - t1['tensors']:+d}; job peak RSS (wait4) {res['maxrss_mb']:.0f} MiB; {load_line()}"
+    )
+    return [
+        [
+            "tiny: peak RSS task 3 - task 1 <= bases growth + slack",
+            f"{d_peak:+.2f} MiB (bases {expected:+.3f})",
+            f"<= {expected + SLACK_MIB:.2f} MiB",
+            verdict(d_peak, expected + SLACK_MIB),
+        ],
+        [
+            "tiny: live tensor bytes task 3 - task 1 = bases growth",
+            f"{d_tensor:+.3f} MiB",
+            f"{expected:.3f} MiB +- 0.01",
+            "PASS" if abs(d_tensor - expected) < 0.01 else "MISS",
+        ],
+        [
+            "tiny: CLIP models in memory",
+            str(max(x["clips"] for x in tasks)),
+            "1",
+            "PASS" if max(x["clips"] for x in tasks) == 1 else "MISS",
+        ],
+    ]
+
+
+def vit(tmp: Path) -> list[list]:
+    from dag import fabricate_checkpoint, job_config
+
+    path = write_yaml(
+        tmp / "vit.yaml", {**job_config("ViT-B-16", fashion_root(tmp / "data")), "threads": cores()}
+    )
+    resume = fabricate_checkpoint(path, 8, tmp / "task8" / "checkpoint.pt")
+    res = run_measured(
+        [python(), __file__, "--child-vit", str(path), str(resume), str(tmp / "task9")], timeout=3600
+    )
+    if res["rc"] != 0:
+        raise RuntimeError(res["output"][-3000:])
+    phases = _lines(res["output"])
+    rows = []
+    for p in phases:
+        extra = ", ".join(
+            f"{k} {v:.0f}" if isinstance(v, float) else f"{k} {v}"
+            for k, v in p.items()
+            if k not in ("phase", "peak", "rss", "seconds")
+        )
+        rows.append([p["phase"], f"{p['peak']:.0f}", f"{p['rss']:.0f}", f"{p['seconds']:.1f}", extra])
+    print(
+        table(
+            rows,
+            [
+                "ViT-B-16 train-task phases (task 9, 9 tasks of bases)",
+                "phase peak MiB",
+                "RSS after MiB",
+                "seconds",
+                "notes (MiB)",
+            ],
+        )
+    )
+    by = {p["phase"]: p for p in phases}
+    session = by["session: data + model"]
+    model_growth = session["rss"] - by["imports"]["rss"]
+    print(
+        f"  session build adds {model_growth:.0f} MiB of RSS for {session['params_mib']:.0f} MiB of parameters "
+        f"(one CLIP; two would need {2 * session['params_mib']:.0f}); job peak RSS (wait4) {res['maxrss_mb']:.0f} MiB"
+    )
+    save, load = by["checkpoint save"], by["checkpoint load"]
+    print(
+        f"  checkpoint save peaks at {save['peak'] - by['task 9: 1 step (batch 8) + bases + eval']['rss']:.0f} MiB "
+        f"above the job's RSS for a {save['file_mib']:.0f} MiB file; load peaks at "
+        f"{load['peak'] - session['rss']:.0f} MiB above it for a {load['file_mib']:.0f} MiB file; {load_line()}"
+    )
+    clips = max(p.get("clips", 0) for p in phases)
+    return [
+        ["ViT-B-16: CLIP models in memory", str(clips), "1", "PASS" if clips == 1 else "MISS"],
+        [
+            "ViT-B-16: job peak RSS (task 9, 9 tasks of bases, batch 8)",
+            f"{res['maxrss_mb']:.0f} MiB",
+            "report",
+            f"parameters {session['params_mib']:.0f} MiB",
+        ],
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny run with 5 steps per task; no ViT-B-16")
+    parser.add_argument("--child-tiny", help=argparse.SUPPRESS)
+    parser.add_argument("--child-vit", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child_tiny:
+        child_tiny(args.child_tiny)
+        return 0
+    if args.child_vit:
+        child_vit(*args.child_vit)
+        return 0
+    print(machine_line())
+    targets = []
+    with tempfile.TemporaryDirectory(prefix="dmnsp-bench-mem-") as tmp:
+        print("\n== tiny CLIP, 5 tasks in one process ==", flush=True)
+        targets += tiny(Path(tmp), args.quick)
+        if not args.quick:
+            print("\n== ViT-B-16, one train-task job ==", flush=True)
+            targets += vit(Path(tmp))
+    print("\n== targets ==")
+    print(table(targets, ["target", "measured", "target", "verdict / note"]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
