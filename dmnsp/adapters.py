@@ -120,7 +120,9 @@ def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) ->
     own = {k for k in model.state_dict() if ".adapter." in k}
     if set(state) != own:
         missing, extra = sorted(own - set(state)), sorted(set(state) - own)
-        raise ValueError(f"adapter state does not match the model (missing {missing[:3]}, unexpected {extra[:3]})")
+        raise ValueError(
+            f"adapter state does not match the model (missing {missing[:3]}, unexpected {extra[:3]})"
+        )
     model.load_state_dict(state, strict=False)
 
 

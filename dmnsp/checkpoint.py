@@ -102,9 +102,13 @@ def load_checkpoint(path: str | Path, cfg: dict | None = None, expect_task: int 
     try:
         payload = torch.load(io.BytesIO(body), map_location="cpu", weights_only=True)
     except Exception as exc:  # any unpickling failure means the same thing to the user
-        raise CheckpointError(f"checkpoint {path} cannot be read ({exc}); delete it and rerun that task") from exc
+        raise CheckpointError(
+            f"checkpoint {path} cannot be read ({exc}); delete it and rerun that task"
+        ) from exc
     if payload.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"checkpoint {path} has format {payload.get('format_version')}, expected {FORMAT_VERSION}")
+        raise CheckpointError(
+            f"checkpoint {path} has format {payload.get('format_version')}, expected {FORMAT_VERSION}"
+        )
     if cfg is not None and payload["config_hash"] != config_hash(cfg):
         diff = config_diff(payload["config"], state_config(cfg))
         raise CheckpointError(

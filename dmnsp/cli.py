@@ -15,9 +15,17 @@ from . import __version__
 
 
 def _config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
-    p.add_argument("--config", required=required, help="run configuration YAML (see dmnsp/schemas/run.schema.yaml)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key (dotted keys allowed, values parsed as YAML); repeatable")
+    p.add_argument(
+        "--config", required=required, help="run configuration YAML (see dmnsp/schemas/run.schema.yaml)"
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key (dotted keys allowed, values parsed as YAML); repeatable",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -29,8 +37,13 @@ def _load(args):
 
 def _git_revision() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                             cwd=Path(__file__).resolve().parent)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            cwd=Path(__file__).resolve().parent,
+        )
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
@@ -53,8 +66,10 @@ def cmd_run(args) -> int:
             flat = [x for r in diag["lambda"] for x in r]
             extra = f"  lambda [{min(flat):.1f}, {max(flat):.1f}]"
         inf = diag["inf_fraction_exp_avg_sq"]["visual"]
-        print(f"task {t}: accuracy {row['accuracy']:.4f} (per task: {seen})  inf(exp_avg_sq) {inf:.2g}{extra}",
-              flush=True)
+        print(
+            f"task {t}: accuracy {row['accuracy']:.4f} (per task: {seen})  inf(exp_avg_sq) {inf:.2g}{extra}",
+            flush=True,
+        )
 
     rows = run_all(cfg, out, report, progress=not args.quiet)
     accs = [r["accuracy"] for r in rows]
@@ -70,16 +85,22 @@ def _write_provenance(cfg: dict, out_dir: Path, experiment: str, label: str, set
     from .io import atomic_write_json
 
     dump_config(cfg, out_dir / "config.yaml")
-    atomic_write_json(out_dir / "run.json", {
-        "experiment": experiment, "label": label, "settings": settings, "dmnsp_version": __version__,
-        "git_revision": _git_revision(), "config_hash": config_hash(cfg),
-    })
+    atomic_write_json(
+        out_dir / "run.json",
+        {
+            "experiment": experiment,
+            "label": label,
+            "settings": settings,
+            "dmnsp_version": __version__,
+            "git_revision": _git_revision(),
+            "config_hash": config_hash(cfg),
+        },
+    )
 
 
 def cmd_prepare_run(args) -> int:
-    from .config import load_config, parse_overrides
-
     from .aggregate import derive_label
+    from .config import load_config, parse_overrides
 
     swept = parse_overrides(args.overrides)  # the run's own settings, recorded in run.json
     settings = json.loads(args.settings_json) if args.settings_json else {}
@@ -113,9 +134,17 @@ def cmd_evaluate(args) -> int:
     load_adapter_state_dict(session.model, state.adapters)
     t, sc = state.task, session.scenario
     row = evaluate_seen(
-        session.model, session.bundle.tokenizer, [session._heldout(j) for j in range(t + 1)],
-        [sc.class_names[i] for i in sc.seen_classes(t)], cfg, t, session.n_tasks, session.device,
-        derive_seed(cfg["seed"], t, "eval"), session.num_workers, not args.quiet,
+        session.model,
+        session.bundle.tokenizer,
+        [session._heldout(j) for j in range(t + 1)],
+        [sc.class_names[i] for i in sc.seen_classes(t)],
+        cfg,
+        t,
+        session.n_tasks,
+        session.device,
+        derive_seed(cfg["seed"], t, "eval"),
+        session.num_workers,
+        not args.quiet,
     )
     if args.out:
         atomic_write_json(args.out, row)
@@ -128,8 +157,10 @@ def cmd_pretrain(args) -> int:
 
     cfg = _load(args)
     summary = pretrain(cfg, args.out, progress=not args.quiet)
-    print(f"pretrained {summary['model_name']} for {summary['steps']} steps on {summary['pretrain_images']} "
-          f"images: zero-shot accuracy {summary['zero_shot_accuracy']:.4f} ({summary['seconds']:.0f} s) -> {args.out}")
+    print(
+        f"pretrained {summary['model_name']} for {summary['steps']} steps on {summary['pretrain_images']} "
+        f"images: zero-shot accuracy {summary['zero_shot_accuracy']:.4f} ({summary['seconds']:.0f} s) -> {args.out}"
+    )
     return 0
 
 
@@ -311,7 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", help="write per-task folders, metrics.json and accuracy_matrix.csv here")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("train-task", help="train and evaluate one task, resuming from the previous checkpoint")
+    p = sub.add_parser(
+        "train-task", help="train and evaluate one task, resuming from the previous checkpoint"
+    )
     _config_args(p)
     p.add_argument("--task", type=int, required=True, help="task index t (0-based)")
     p.add_argument("--resume", help="checkpoint.pt of task t-1 (required for t > 0)")
@@ -329,7 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="checkpoint path (.pt); a .json summary is written beside it")
     p.set_defaults(func=cmd_pretrain)
 
-    p = sub.add_parser("prepare-run", help="write a run folder's resolved config.yaml and run.json (provenance)")
+    p = sub.add_parser(
+        "prepare-run", help="write a run folder's resolved config.yaml and run.json (provenance)"
+    )
     _config_args(p, required=False)
     p.add_argument("--settings-json", help="run settings as one JSON object (merged after --set)")
     p.add_argument("--experiment", required=True)
@@ -348,13 +383,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--expected-seeds", type=int)
     p.set_defaults(func=cmd_report_artifacts)
 
-    p = sub.add_parser("import-config",
-                       help="turn a reference Hydra config into a workflow config (use with --configfile)")
+    p = sub.add_parser(
+        "import-config", help="turn a reference Hydra config into a workflow config (use with --configfile)"
+    )
     p.add_argument("hydra_config")
     p.add_argument("--out")
     p.set_defaults(func=cmd_import_config)
 
-    p = sub.add_parser("validate-config", help="validate a run config and print it with every default filled in")
+    p = sub.add_parser(
+        "validate-config", help="validate a run config and print it with every default filled in"
+    )
     _config_args(p)
     p.set_defaults(func=cmd_validate)
 
@@ -375,8 +413,14 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .model import ModelError, WeightsError
     from .train import NonFiniteError
 
-    errors: list[type[BaseException]] = [ConfigError, CheckpointError, OutputError, ModelError, WeightsError,
-                                         NonFiniteError]
+    errors: list[type[BaseException]] = [
+        ConfigError,
+        CheckpointError,
+        OutputError,
+        ModelError,
+        WeightsError,
+        NonFiniteError,
+    ]
     try:
         from .datasets import DataError
 

@@ -22,8 +22,16 @@ from jsonschema import Draft202012Validator
 # Keys that say where things are or how fast to run, not what is computed: they may differ
 # between a checkpoint and the run that resumes it.
 EXECUTION_KEYS = frozenset(
-    {"dataset_root", "download", "cache_dir", "device", "num_workers", "threads", "eval_batch_size",
-     "evaluate_on"}
+    {
+        "dataset_root",
+        "download",
+        "cache_dir",
+        "device",
+        "num_workers",
+        "threads",
+        "eval_batch_size",
+        "evaluate_on",
+    }
 )
 
 
@@ -92,10 +100,14 @@ def validate(cfg: Mapping[str, Any] | None) -> dict:
     if cfg is None:
         cfg = {}
     if not isinstance(cfg, Mapping):
-        raise ConfigError(f"a run configuration must be a mapping of keys to values, got {type(cfg).__name__}")
+        raise ConfigError(
+            f"a run configuration must be a mapping of keys to values, got {type(cfg).__name__}"
+        )
     schema = run_schema()
     validator = Draft202012Validator(schema)
-    errors = sorted(validator.iter_errors(dict(cfg)), key=lambda e: (len(e.absolute_path), str(e.absolute_path)))
+    errors = sorted(
+        validator.iter_errors(dict(cfg)), key=lambda e: (len(e.absolute_path), str(e.absolute_path))
+    )
     if errors:
         raise ConfigError("invalid run configuration: " + _describe(errors[0], schema))
     out = _fill_defaults(dict(cfg), schema)

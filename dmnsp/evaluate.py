@@ -33,7 +33,9 @@ def predict(
     tokens = tokenizer([template.format(n) for n in class_names]).to(device)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
         text = encode_text(model, tokens)
-    loader = make_loader(dataset, batch_size, shuffle=False, seed=seed, num_workers=num_workers, device=device)
+    loader = make_loader(
+        dataset, batch_size, shuffle=False, seed=seed, num_workers=num_workers, device=device
+    )
     preds, labels = [], []
     for images, y in tqdm(loader, desc="evaluate", disable=not progress, leave=False):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
@@ -66,18 +68,30 @@ def evaluate_seen(
     torch.manual_seed(seed)  # the faithful eval transform is a random crop: make it reproducible
     sizes = [len(s) for s in task_sets]
     preds, labels = predict(
-        model, tokenizer, ConcatDataset(task_sets), class_names, cfg["prompt_template"], device,
-        cfg["eval_batch_size"], num_workers, seed, cfg["precision"] == "amp_bf16", progress,
+        model,
+        tokenizer,
+        ConcatDataset(task_sets),
+        class_names,
+        cfg["prompt_template"],
+        device,
+        cfg["eval_batch_size"],
+        num_workers,
+        seed,
+        cfg["precision"] == "amp_bf16",
+        progress,
     )
     correct = preds == labels
     bounds = np.cumsum([0] + sizes)
-    per_task = [float(correct[a:b].mean()) if b > a else float("nan") for a, b in zip(bounds[:-1], bounds[1:])]
+    # None (JSON null) for a task without held-out images, e.g. an empty validation split.
+    per_task = [
+        float(correct[a:b].mean()) if b > a else None for a, b in zip(bounds[:-1], bounds[1:], strict=True)
+    ]
     return {
         "task": task,
         "n_tasks": n_tasks,
         "accuracy_per_task": per_task,
         "n_samples_per_task": sizes,
-        "accuracy": float(correct.mean()) if len(correct) else float("nan"),
+        "accuracy": float(correct.mean()) if len(correct) else None,
         "n_samples": int(len(correct)),
         "seconds": time.perf_counter() - t0,
     }

@@ -21,7 +21,8 @@ def _atomic(path: str | Path, write: Callable[[Any], None], mode: str) -> Path:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as exc:
         raise OutputError(
-            exc.errno, f"cannot write into {path.parent}: {exc.strerror}; make the folder writable or choose another output path"
+            exc.errno,
+            f"cannot write into {path.parent}: {exc.strerror}; make the folder writable or choose another output path",
         ) from exc
     try:
         with os.fdopen(fd, mode) as fh:
@@ -32,7 +33,8 @@ def _atomic(path: str | Path, write: Callable[[Any], None], mode: str) -> Path:
     except OSError as exc:
         Path(tmp).unlink(missing_ok=True)
         raise OutputError(
-            exc.errno, f"writing {path} failed ({exc.strerror}); free disk space or choose another output path"
+            exc.errno,
+            f"writing {path} failed ({exc.strerror}); free disk space or choose another output path",
         ) from exc
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -48,8 +48,11 @@ def list_models() -> list[str]:
 
 def package_models() -> list[str]:
     """Architectures shipped with dmnsp (usable offline with random or local weights)."""
-    return sorted(p.name[:-5] for p in resources.files("dmnsp").joinpath("model_configs").iterdir()
-                  if p.name.endswith(".json"))
+    return sorted(
+        p.name[:-5]
+        for p in resources.files("dmnsp").joinpath("model_configs").iterdir()
+        if p.name.endswith(".json")
+    )
 
 
 def _network_available(host: str = "huggingface.co", timeout: float = 3.0) -> bool:

@@ -44,18 +44,21 @@ def pretrain(cfg: dict, out: str | Path, progress: bool = True) -> dict:
     device = pick_device(cfg["device"])
     data = load_dataset(cfg["dataset"], cfg["dataset_root"], cfg["download"])
     scenario = build_scenario(data, cfg)
-    bundle = create_clip(cfg["model_name"], None, cache_dir=cfg["cache_dir"], device=device,
-                         seed=p["seed"], adapter_dim=None)
+    bundle = create_clip(
+        cfg["model_name"], None, cache_dir=cfg["cache_dir"], device=device, seed=p["seed"], adapter_dim=None
+    )
     model = bundle.model
     for param in model.parameters():
         param.requires_grad_(True)
     # Standard CLIP training learns its temperature (init 1/0.07); downstream runs use the
     # reference's fixed scale 100 whatever this ends at (argmax does not depend on it).
     n_classes = len(data.class_names)
-    train_set = TaskDataset(data.train, scenario.pretrain_indices, {c: c for c in range(n_classes)},
-                            bundle.train_transform)
-    loader = make_loader(train_set, p["batch_size"], shuffle=True, seed=derive_seed(p["seed"], "pretrain"),
-                         device=device)
+    train_set = TaskDataset(
+        data.train, scenario.pretrain_indices, {c: c for c in range(n_classes)}, bundle.train_transform
+    )
+    loader = make_loader(
+        train_set, p["batch_size"], shuffle=True, seed=derive_seed(p["seed"], "pretrain"), device=device
+    )
     torch.manual_seed(derive_seed(p["seed"], "pretrain-steps"))
     pick = random.Random(p["seed"])
     params = [q for q in model.parameters() if q.requires_grad]
@@ -78,11 +81,21 @@ def pretrain(cfg: dict, out: str | Path, progress: bool = True) -> dict:
     # Zero-shot accuracy on the (subsampled) test set of all classes, with the run's template.
     test_idx = np.sort(np.concatenate(scenario.test_indices))
     test_set = TaskDataset(data.test, test_idx, {c: c for c in range(n_classes)}, bundle.eval_transform)
-    preds, labels = predict(model, bundle.tokenizer, test_set, data.class_names, cfg["prompt_template"], device,
-                            cfg["eval_batch_size"], progress=progress)
+    preds, labels = predict(
+        model,
+        bundle.tokenizer,
+        test_set,
+        data.class_names,
+        cfg["prompt_template"],
+        device,
+        cfg["eval_batch_size"],
+        progress=progress,
+    )
     acc = float((preds == labels).mean())
     out = Path(out)
-    atomic_save(out, lambda fh: torch.save({"state_dict": {k: v.cpu() for k, v in model.state_dict().items()}}, fh))
+    atomic_save(
+        out, lambda fh: torch.save({"state_dict": {k: v.cpu() for k, v in model.state_dict().items()}}, fh)
+    )
     summary = {
         "model_name": cfg["model_name"],
         "dataset": cfg["dataset"],

@@ -43,13 +43,20 @@ class Session:
             torch.set_num_threads(cfg["threads"])
         self.device = pick_device(cfg["device"])
         self.num_workers = _num_workers(cfg["num_workers"])
-        self.data = data if data is not None else load_dataset(cfg["dataset"], cfg["dataset_root"], cfg["download"])
+        self.data = (
+            data if data is not None else load_dataset(cfg["dataset"], cfg["dataset_root"], cfg["download"])
+        )
         self.scenario = build_scenario(self.data, cfg)
         self.n_tasks = len(self.scenario.tasks)
         self.bundle = create_clip(
-            cfg["model_name"], cfg["pretrained"], cache_dir=cfg["cache_dir"], device=self.device,
-            seed=derive_seed(cfg["seed"], "init"), adapter_dim=cfg["adapter_dim"],
-            adapter_scale=cfg["adapter_scale"], adapter_dropout=cfg["adapter_dropout"],
+            cfg["model_name"],
+            cfg["pretrained"],
+            cache_dir=cfg["cache_dir"],
+            device=self.device,
+            seed=derive_seed(cfg["seed"], "init"),
+            adapter_dim=cfg["adapter_dim"],
+            adapter_scale=cfg["adapter_scale"],
+            adapter_dropout=cfg["adapter_dropout"],
         )
         self.initial_adapters = adapter_state_dict(self.bundle.model)
 
@@ -59,14 +66,20 @@ class Session:
 
     def _heldout(self, t: int) -> TaskDataset:
         sc = self.scenario
-        tf = self.bundle.train_transform if self.cfg["eval_transform"] == "train" else self.bundle.eval_transform
+        tf = (
+            self.bundle.train_transform
+            if self.cfg["eval_transform"] == "train"
+            else self.bundle.eval_transform
+        )
         if self.cfg["evaluate_on"] == "val":
             return TaskDataset(self.data.train, sc.val_indices[t], sc.label_map, tf)
         return TaskDataset(self.data.test, sc.test_indices[t], sc.label_map, tf)
 
     def _train_set(self, t: int) -> TaskDataset:
         sc = self.scenario
-        local = {orig: i for i, orig in enumerate(sc.tasks[t])}  # task-local targets, as the reference shifts them
+        local = {
+            orig: i for i, orig in enumerate(sc.tasks[t])
+        }  # task-local targets, as the reference shifts them
         return TaskDataset(self.data.train, sc.train_indices[t], local, self.bundle.train_transform)
 
     def run_task(self, t: int, state: TaskState) -> tuple[TaskState, dict, dict]:
@@ -83,21 +96,43 @@ class Session:
         load_adapter_state_dict(self.model, state.adapters if t > 0 else self.initial_adapters)
         bases = {k: [v.to(self.device) for v in vs] for k, vs in state.bases.items()}
         if cfg["method"] == "zeroshot":
-            diag = {"task": t, "steps": 0, "lambda": None, "basis_columns": {},
-                    "inf_fraction_exp_avg_sq": {"visual": 0.0, "text": 0.0},
-                    "update_norm": {"visual": 0.0, "text": 0.0}, "loss": None,
-                    "seconds": {"train": 0.0, "lambda": 0.0, "basis": 0.0}}
+            diag = {
+                "task": t,
+                "steps": 0,
+                "lambda": None,
+                "basis_columns": {},
+                "inf_fraction_exp_avg_sq": {"visual": 0.0, "text": 0.0},
+                "update_norm": {"visual": 0.0, "text": 0.0},
+                "loss": None,
+                "seconds": {"train": 0.0, "lambda": 0.0, "basis": 0.0},
+            }
         else:
             names = [sc.class_names[sc.label_map[c]] for c in sc.tasks[t]]
             bases, diag = train_task(
-                self.model, self.bundle.tokenizer, self._train_set(t), names, cfg, t, bases, self.device,
-                self.num_workers, self.progress,
+                self.model,
+                self.bundle.tokenizer,
+                self._train_set(t),
+                names,
+                cfg,
+                t,
+                bases,
+                self.device,
+                self.num_workers,
+                self.progress,
             )
         seen = sc.seen_classes(t)
         row = evaluate_seen(
-            self.model, self.bundle.tokenizer, [self._heldout(j) for j in range(t + 1)],
-            [sc.class_names[i] for i in seen], cfg, t, self.n_tasks, self.device,
-            derive_seed(cfg["seed"], t, "eval"), self.num_workers, self.progress,
+            self.model,
+            self.bundle.tokenizer,
+            [self._heldout(j) for j in range(t + 1)],
+            [sc.class_names[i] for i in seen],
+            cfg,
+            t,
+            self.n_tasks,
+            self.device,
+            derive_seed(cfg["seed"], t, "eval"),
+            self.num_workers,
+            self.progress,
         )
         diag["seconds"]["eval"] = row["seconds"]
         diag["peak_mem_mb"] = row["peak_mem_mb"] = peak_memory_mb(self.device)
@@ -113,7 +148,9 @@ def write_task_outputs(out_dir: str | Path, state: TaskState, row: dict, diag: d
     save_checkpoint(out / "checkpoint.pt", state, cfg)
 
 
-def run_one_task(cfg: dict, task: int, resume: str | Path | None, out_dir: str | Path, progress: bool = True) -> dict:
+def run_one_task(
+    cfg: dict, task: int, resume: str | Path | None, out_dir: str | Path, progress: bool = True
+) -> dict:
     """``dmnsp train-task``: resume from task-1's checkpoint, train and evaluate task, write its folder."""
     if task > 0 and resume is None:
         raise ValueError(f"task {task} needs --resume with the checkpoint of task {task - 1}")

@@ -97,7 +97,11 @@ class ProjectionPlan:
 def projected_towers(cfg: dict) -> list[str]:
     """Towers whose adapter gradients are projected under this config."""
     towers = cfg["projection"]["towers"]
-    return [] if cfg["method"] != "dmnsp" or towers == "none" else (["visual"] if towers == "visual" else list(TOWERS))
+    return (
+        []
+        if cfg["method"] != "dmnsp" or towers == "none"
+        else (["visual"] if towers == "visual" else list(TOWERS))
+    )
 
 
 def build_plan(
@@ -213,15 +217,26 @@ def train_task(
     """
     t0 = time.perf_counter()
     torch.manual_seed(derive_seed(cfg["seed"], task, "train"))
-    loader = make_loader(train_set, cfg["batch_size"], shuffle=True, seed=derive_seed(cfg["seed"], task, "loader"),
-                         num_workers=num_workers, device=device)
+    loader = make_loader(
+        train_set,
+        cfg["batch_size"],
+        shuffle=True,
+        seed=derive_seed(cfg["seed"], task, "loader"),
+        num_workers=num_workers,
+        device=device,
+    )
     towers = projected_towers(cfg)
     tokens = tokenizer([cfg["prompt_template"].format(n) for n in class_names]).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     visual_params = [p for a in adapters(model, "visual") for p in a.parameters()]
     text_params = [p for a in adapters(model, "text") for p in a.parameters()]
-    before = {name: [p.detach().clone() for p in ps] for name, ps in (("visual", visual_params), ("text", text_params))}
-    optimizer = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"], betas=(0.9, 0.999), eps=1e-8)
+    before = {
+        name: [p.detach().clone() for p in ps]
+        for name, ps in (("visual", visual_params), ("text", text_params))
+    }
+    optimizer = torch.optim.AdamW(
+        params, lr=cfg["lr"], weight_decay=cfg["weight_decay"], betas=(0.9, 0.999), eps=1e-8
+    )
     total = cfg["epochs"] * len(loader)
     n_steps = total + 1 if cfg["max_steps"] is None else min(total + 1, cfg["max_steps"])
     use_proj = bool(towers) and task > 0 and all(bases.get(t) for t in towers)
@@ -244,7 +259,9 @@ def train_task(
         loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg["ls"])
         value = loss.item()
         if not math.isfinite(value):
-            raise NonFiniteError(f"task {task}, step {step}: loss is {value}; lower lr, or check the data and weights")
+            raise NonFiniteError(
+                f"task {task}, step {step}: loss is {value}; lower lr, or check the data and weights"
+            )
         losses.append(value)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -270,8 +287,14 @@ def train_task(
     new_bases = bases
     basis_towers = [t for t in TOWERS if t in towers or (t == "visual" and cfg["method"] == "dmnsp")]
     if cfg["method"] == "dmnsp":
-        basis_loader = make_loader(train_set, cfg["batch_size"], shuffle=True,
-                                   seed=derive_seed(cfg["seed"], task, "basis"), num_workers=0, device=device)
+        basis_loader = make_loader(
+            train_set,
+            cfg["batch_size"],
+            shuffle=True,
+            seed=derive_seed(cfg["seed"], task, "basis"),
+            num_workers=0,
+            device=device,
+        )
         images, _ = next(iter(basis_loader))
         _record(model, basis_towers, True)
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
@@ -284,7 +307,9 @@ def train_task(
     basis_seconds = time.perf_counter() - tb
 
     norms = {
-        name: float(torch.sqrt(sum(((p.detach() - b) ** 2).sum() for p, b in zip(ps, before[name], strict=True))))
+        name: float(
+            torch.sqrt(sum(((p.detach() - b) ** 2).sum() for p, b in zip(ps, before[name], strict=True)))
+        )
         for name, ps in (("visual", visual_params), ("text", text_params))
     }
     diagnostics = {
@@ -307,7 +332,11 @@ def train_task(
             "steps": len(losses),
             "curve": losses[:: max(1, len(losses) // 50)],
         },
-        "seconds": {"train": train_seconds - lambda_seconds, "lambda": lambda_seconds, "basis": basis_seconds},
+        "seconds": {
+            "train": train_seconds - lambda_seconds,
+            "lambda": lambda_seconds,
+            "basis": basis_seconds,
+        },
         "peak_mem_mb": peak_memory_mb(device),
     }
     return new_bases, diagnostics

@@ -47,5 +47,6 @@ def make_config():
 @pytest.fixture(scope="session")
 def fake_data():
     """10 classes of coloured 28 px images (learnable), named like the embedded default's dataset."""
-    return make_fake_splits(n_classes=10, n_train_per_class=24, n_test_per_class=8, size=28, name="fashion-mnist",
-                            grayscale=False)
+    return make_fake_splits(
+        n_classes=10, n_train_per_class=24, n_test_per_class=8, size=28, name="fashion-mnist", grayscale=False
+    )

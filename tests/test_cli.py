@@ -17,12 +17,26 @@ from dmnsp.model import create_clip
 def run_config(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     weights = root / "tiny.pt"
-    torch.save({"state_dict": create_clip("dmnsp-tiny", None, seed=1, adapter_dim=None).model.state_dict()}, weights)
+    torch.save(
+        {"state_dict": create_clip("dmnsp-tiny", None, seed=1, adapter_dim=None).model.state_dict()}, weights
+    )
     cfg = {
-        "dataset": "fashion-mnist", "dataset_root": str(root / "data"), "model_name": "dmnsp-tiny",
-        "pretrained": str(weights), "initial_increment": 5, "increment": 5, "max_train_per_class": 16,
-        "max_test_per_class": 8, "adapter_dim": 8, "batch_size": 16, "epochs": 1, "max_steps": 2,
-        "warmup_steps": 1, "method": "dmnsp", "threads": 2, "device": "cpu",
+        "dataset": "fashion-mnist",
+        "dataset_root": str(root / "data"),
+        "model_name": "dmnsp-tiny",
+        "pretrained": str(weights),
+        "initial_increment": 5,
+        "increment": 5,
+        "max_train_per_class": 16,
+        "max_test_per_class": 8,
+        "adapter_dim": 8,
+        "batch_size": 16,
+        "epochs": 1,
+        "max_steps": 2,
+        "warmup_steps": 1,
+        "method": "dmnsp",
+        "threads": 2,
+        "device": "cpu",
     }
     path = root / "run.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -44,19 +58,62 @@ def test_run_prints_per_task_accuracy_and_writes_outputs(run_config, tmp_path, c
 
 def test_train_task_chain_and_resume_errors(run_config, tmp_path, capsys):
     t0, t1 = tmp_path / "task0", tmp_path / "task1"
-    assert main(["train-task", "--config", str(run_config), "--task", "0", "--out-dir", str(t0), "--quiet"]) == 0
-    assert main(["train-task", "--config", str(run_config), "--task", "1", "--resume", str(t0 / "checkpoint.pt"),
-                 "--out-dir", str(t1), "--quiet"]) == 0
+    assert (
+        main(["train-task", "--config", str(run_config), "--task", "0", "--out-dir", str(t0), "--quiet"]) == 0
+    )
+    assert (
+        main(
+            [
+                "train-task",
+                "--config",
+                str(run_config),
+                "--task",
+                "1",
+                "--resume",
+                str(t0 / "checkpoint.pt"),
+                "--out-dir",
+                str(t1),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert json.loads((t1 / "eval.json").read_text())["task"] == 1
     # The same task chain with another lr is refused, naming the key.
-    rc = main(["train-task", "--config", str(run_config), "--set", "lr=0.5", "--task", "1",
-               "--resume", str(t0 / "checkpoint.pt"), "--out-dir", str(tmp_path / "x"), "--quiet"])
+    rc = main(
+        [
+            "train-task",
+            "--config",
+            str(run_config),
+            "--set",
+            "lr=0.5",
+            "--task",
+            "1",
+            "--resume",
+            str(t0 / "checkpoint.pt"),
+            "--out-dir",
+            str(tmp_path / "x"),
+            "--quiet",
+        ]
+    )
     assert rc == 2 and "lr: 0.001 != 0.5" in capsys.readouterr().err
     # A truncated checkpoint is a clear error, and no output of the failed task appears.
     ck = t0 / "checkpoint.pt"
     ck.write_bytes(ck.read_bytes()[:1000])
-    rc = main(["train-task", "--config", str(run_config), "--task", "1", "--resume", str(ck),
-               "--out-dir", str(tmp_path / "y"), "--quiet"])
+    rc = main(
+        [
+            "train-task",
+            "--config",
+            str(run_config),
+            "--task",
+            "1",
+            "--resume",
+            str(ck),
+            "--out-dir",
+            str(tmp_path / "y"),
+            "--quiet",
+        ]
+    )
     assert rc == 2 and "truncated or corrupt" in capsys.readouterr().err
     assert not (tmp_path / "y").exists()
 
@@ -80,13 +137,35 @@ def test_user_errors_are_messages_not_tracebacks(run_config, tmp_path, capsys, o
 def test_unwritable_output_folder(run_config, tmp_path, capsys):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")  # root ignores permissions, but not this
-    rc = main(["train-task", "--config", str(run_config), "--task", "0", "--out-dir", str(blocker / "t0"), "--quiet"])
+    rc = main(
+        [
+            "train-task",
+            "--config",
+            str(run_config),
+            "--task",
+            "0",
+            "--out-dir",
+            str(blocker / "t0"),
+            "--quiet",
+        ]
+    )
     assert rc == 2 and "cannot write" in capsys.readouterr().err
 
 
 def test_help_on_every_command(capsys):
-    for cmd in ("run", "train-task", "evaluate", "pretrain", "prepare-run", "metrics", "report-artifacts",
-                "import-config", "validate-config", "list-models", "list-datasets"):
+    for cmd in (
+        "run",
+        "train-task",
+        "evaluate",
+        "pretrain",
+        "prepare-run",
+        "metrics",
+        "report-artifacts",
+        "import-config",
+        "validate-config",
+        "list-models",
+        "list-datasets",
+    ):
         with pytest.raises(SystemExit) as exc:
             main([cmd, "--help"])
         assert exc.value.code == 0

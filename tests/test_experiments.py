@@ -74,7 +74,12 @@ def test_embedded_default_expands_without_duplicating_zeroshot():
     clean = [run for run in groups["dmnsp"] if run.settings.get("projection.mode") == "clean"]
     assert len(clean) == 2 and all("LAMBDA_SCALE" not in run.settings for run in clean)
     assert all("LAMBDA_SCALE" not in run.settings for run in groups["zeroshot"] + groups["finetune"])
-    assert sorted(run.settings["LAMBDA_SCALE"] for run in groups["dmnsp"] if run not in clean) == [1, 1, 30, 30]
+    assert sorted(run.settings["LAMBDA_SCALE"] for run in groups["dmnsp"] if run not in clean) == [
+        1,
+        1,
+        30,
+        30,
+    ]
     # One pretraining job, shared by every run.
     assert len(plan.pretrains) == 1
     (pre,) = plan.pretrains.values()

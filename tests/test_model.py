@@ -29,7 +29,9 @@ def test_adapters_at_init_equal_plain_zero_shot():
     # Adding the zero adapter output changes tensor layouts, so BLAS may sum in another order:
     # equal up to float rounding (scale-100 logits, 1e-6 relative).
     assert torch.allclose(_logits(ours, images, tokens), _logits(plain, images, tokens), rtol=1e-6, atol=1e-3)
-    assert not torch.allclose(_logits(ours, images, tokens), _logits(plain, images, tokens.flip(0)), atol=1e-3)
+    assert not torch.allclose(
+        _logits(ours, images, tokens), _logits(plain, images, tokens.flip(0)), atol=1e-3
+    )
     # Train mode too (adapter dropout acts on a zero-initialised up projection).
     ours.train()
     plain.train()
@@ -60,8 +62,10 @@ def test_grad_checkpointing_keeps_block_signature():
     m = create_clip("dmnsp-tiny", None, adapter_dim=8).model
     m.set_grad_checkpointing(True)
     m.train()
-    out = dm.encode_image(m, torch.randn(2, 3, 28, 28)).sum() + dm.encode_text(
-        m, open_clip.get_tokenizer("dmnsp-tiny")(["x"])).sum()
+    out = (
+        dm.encode_image(m, torch.randn(2, 3, 28, 28)).sum()
+        + dm.encode_text(m, open_clip.get_tokenizer("dmnsp-tiny")(["x"])).sum()
+    )
     out.backward()
     assert m.visual.transformer.resblocks[0].adapter.down.weight.grad is not None
 

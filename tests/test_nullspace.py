@@ -108,7 +108,7 @@ def test_fixed_lambda_and_factors():
 
 
 def test_orthonormal_basis_is_true_projector_complement():
-    v, protected = None, []
+    v = None
     for t in range(3):
         c = _random_gram(t)
         v, k = ns.orthonormal_basis(v, c, 2)

@@ -79,7 +79,9 @@ def test_clean_mode_leaves_protected_directions_nearly_untouched(make_config, fa
     clean = make_config(method="dmnsp", projection={"mode": "clean", "layers": "single"}, **common)
     p_clean, t_clean = _protected_change(clean, fake_data)
     # Fine-tuning measured against the same kind of bases: dmnsp's statistics, nothing projected.
-    tune = make_config(method="dmnsp", projection={"mode": "clean", "layers": "single", "towers": "none"}, **common)
+    tune = make_config(
+        method="dmnsp", projection={"mode": "clean", "layers": "single", "towers": "none"}, **common
+    )
     p_tune, t_tune = _protected_change(tune, fake_data)
     assert t_clean > 0 and t_tune > 0
     assert p_clean / t_clean < 1e-3 * (p_tune / t_tune) + 1e-6
@@ -94,10 +96,10 @@ def test_non_finite_parameters_stop_with_task_step_and_tensor(make_config, fake_
 
 
 def test_zeroshot_trains_nothing_and_finetune_keeps_no_bases(make_config, fake_data):
-    (z0, zrow, zdiag), = _run(make_config(method="zeroshot"), fake_data, tasks=1)
+    ((z0, zrow, zdiag),) = _run(make_config(method="zeroshot"), fake_data, tasks=1)
     s = Session(make_config(method="zeroshot"), progress=False, data=fake_data)
     assert all(torch.equal(z0.adapters[k], v) for k, v in s.initial_adapters.items())
     assert zdiag["steps"] == 0 and 0 <= zrow["accuracy"] <= 1
-    (f0, _, fdiag), = _run(make_config(method="finetune", max_steps=2), fake_data, tasks=1)
+    ((f0, _, fdiag),) = _run(make_config(method="finetune", max_steps=2), fake_data, tasks=1)
     assert f0.bases == {} and fdiag["basis_columns"] == {}
     assert fdiag["update_norm"]["visual"] > 0 and fdiag["update_norm"]["text"] > 0
