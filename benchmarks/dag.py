@@ -378,7 +378,7 @@ def overhead(quick: bool, tmp: Path) -> tuple[list[list], list[list]]:
             )
         worst = max(median([j["overhead"] for j in js]) for js in jobs.values())
         parts_rows.append(
-            [model, ", ".join(f"{k} {fmt_s(v) if 'MiB' not in k else f'{v:.0f}'}" for k, v in parts.items())]
+            [model, ", ".join(f"{k} {fmt_s(v) if 'MiB' not in k else f'{v:.1f}'}" for k, v in parts.items())]
         )
         targets.append(
             [

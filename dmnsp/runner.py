@@ -43,11 +43,6 @@ class Session:
             torch.set_num_threads(cfg["threads"])
         self.device = pick_device(cfg["device"])
         self.num_workers = _num_workers(cfg["num_workers"])
-        self.data = (
-            data if data is not None else load_dataset(cfg["dataset"], cfg["dataset_root"], cfg["download"])
-        )
-        self.scenario = build_scenario(self.data, cfg)
-        self.n_tasks = len(self.scenario.tasks)
         self.bundle = create_clip(
             cfg["model_name"],
             cfg["pretrained"],
@@ -59,6 +54,12 @@ class Session:
             adapter_dropout=cfg["adapter_dropout"],
         )
         self.initial_adapters = adapter_state_dict(self.bundle.model)
+        # Data after the model, so missing weights fail before the (slower) data load.
+        self.data = (
+            data if data is not None else load_dataset(cfg["dataset"], cfg["dataset_root"], cfg["download"])
+        )
+        self.scenario = build_scenario(self.data, cfg)
+        self.n_tasks = len(self.scenario.tasks)
 
     @property
     def model(self) -> torch.nn.Module:

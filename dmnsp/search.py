@@ -434,6 +434,11 @@ def plan_search(config: Mapping[str, Any], plan=None) -> SearchPlan:
 
     followups = []
     for run in per_seed:
+        if run.settings.get("evaluate_on", "test") != "test":
+            raise SearchError(
+                f"experiment {name!r} sets evaluate_on: {run.settings['evaluate_on']}; the follow-up runs of "
+                "the best setting are evaluated on the test set, so drop evaluate_on from the experiment"
+            )
         parts = _run_parts(run.run_id)
         run_id = "/".join(
             [f"{k}~{parts[k]}" for k in ("dataset", "split", "method")]

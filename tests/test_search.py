@@ -192,6 +192,13 @@ def test_bad_search_configs_stop_planning(changes, needle):
         search.plan_search(cfg)
 
 
+def test_an_experiment_scored_on_validation_cannot_take_the_followups():
+    cfg = workflow_config()
+    cfg["experiments"]["tiny"]["run"].update(evaluate_on="val", val_fraction=0.1)
+    with pytest.raises(search.SearchError, match="test set"):
+        search.plan_search(cfg)
+
+
 def test_schema_accepts_the_example_and_states_the_package_defaults():
     cfg = schema_validate(yaml.safe_load(EXAMPLE.read_text()))
     sp = search.plan_search(cfg)
