@@ -114,7 +114,7 @@ def test_paper_configs_plan_the_full_dag_offline(path):
         "aggregate_results": 1,
         "all": 1,
     }
-    assert elapsed < 30, f"planning {path.name} took {elapsed:.1f} s"
+    print(f"planned {path.name} in {elapsed:.1f} s")  # the < 30 s target is checked in benchmarks/dag.py
 
 
 def test_one_method_one_split_counts(tmp_path):
@@ -246,8 +246,7 @@ def finished_run(tmp_path_factory, data_root):
 
 @pytest.mark.slow
 def test_miniature_workflow_end_to_end(finished_run):
-    workdir, config, elapsed = finished_run
-    assert elapsed < 120, f"miniature workflow took {elapsed:.0f} s"
+    workdir, config, _elapsed = finished_run  # timings live in benchmarks/, not in tests
     tables = workdir / "results" / "test" / "tables"
     for name in (
         "summary.md",
@@ -367,3 +366,49 @@ def test_config_readme_explains_every_key():
     # The search block belongs to workflow/rules/search.smk and is documented with it.
     missing = [key for key in keys if f"`{key}`" not in readme and not key.startswith("search.")]
     assert not missing, f"config/README.md does not explain {missing}"
+
+
+@pytest.mark.slow
+def test_report_renders_in_headless_chromium(finished_run):
+    """The HTML report as a reader sees it: opened from disk, JavaScript run, screenshot taken."""
+    import numpy as np
+    from PIL import Image
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert browser, "chromium is not installed: run .ci/setup (Debian package chromium)"
+    workdir, config, _ = finished_run
+    report = workdir / "report.html"
+    if not report.is_file():
+        snakemake("--report", "report.html", "--configfile", str(config), cwd=workdir)
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={workdir / 'chromium-profile'}",
+        "--window-size=1280,900",
+        "--virtual-time-budget=15000",
+    ]
+    shot = workdir / "report.png"
+    subprocess.run(
+        [browser, *flags, f"--screenshot={shot}", report.as_uri()],
+        check=True,
+        timeout=120,
+        capture_output=True,
+    )
+    dom = subprocess.run(
+        [browser, *flags, "--dump-dom", report.as_uri()],
+        check=True,
+        timeout=120,
+        capture_output=True,
+        text=True,
+    ).stdout
+    assert "Snakemake Report" in dom or "snakemake" in dom.lower()
+    assert "summary" in dom  # our captioned tables are listed
+    pixels = np.asarray(Image.open(shot).convert("L"), dtype=float)
+    assert pixels.shape == (900, 1280)
+    assert pixels.std() > 5, "the screenshot is blank"
