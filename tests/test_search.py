@@ -360,9 +360,13 @@ def test_creating_the_study_again_resumes_it(tmp_path):
 # A worker whose objective sleeps ~1 s per trial (5 reports of 0.2 s): the real worker loop,
 # storage, heartbeat and retry callback, no model.
 SLEEP_WORKER = """
-import sys, time
+import pathlib, sys, time
 from dmnsp.search import load_spec, run_worker, suggest
-spec = load_spec(sys.argv[1])
+spec_path = pathlib.Path(sys.argv[1])
+spec = load_spec(spec_path)
+spec_path.with_name(f"ready{sys.argv[2]}").touch()
+while not spec_path.with_name("go").exists():  # start both workers' trials together
+    time.sleep(0.05)
 def objective(trial):
     params = suggest(trial, spec["space"])
     for step in range(5):
@@ -417,10 +421,16 @@ def kill_one_worker_mid_trial(tmp: Path, storage: str) -> None:
     killed, snapshot = None, {}
     try:
         deadline = time.monotonic() + 60
+        while not all((tmp / f"ready{i}").exists() for i in (0, 1)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        (tmp / "go").touch()
+        deadline = time.monotonic() + 60
         while killed is None and time.monotonic() < deadline:
             trials = study.get_trials(deepcopy=False)
-            running = [
-                t for t in trials if t.state == TrialState.RUNNING and t.user_attrs.get("pid") == victim.pid
+            running = [  # the victim's trial, once it has drawn its parameters
+                t
+                for t in trials
+                if t.state == TrialState.RUNNING and t.user_attrs.get("pid") == victim.pid and t.params
             ]
             done = [t for t in trials if t.state == TrialState.COMPLETE]
             if running and len(done) >= 2:
@@ -446,7 +456,7 @@ def kill_one_worker_mid_trial(tmp: Path, storage: str) -> None:
     assert trials[killed.number].state == TrialState.FAIL, trials[killed.number]
     retries = [t for t in trials.values() if search.retry_of(t) == killed.number]
     assert len(retries) == 1 and retries[0].state == TrialState.COMPLETE, retries
-    assert retries[0].params == killed.params
+    assert retries[0].params == killed.params == trials[killed.number].params
     # The study reached its budget (a race may add up to workers - 1 trials) ...
     finished = [t for t in trials.values() if t.state in search.FINISHED]
     assert spec["n_trials"] <= len(finished) <= spec["n_trials"] + spec["workers"] - 1
