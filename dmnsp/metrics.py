@@ -55,12 +55,16 @@ def _as_accuracy_vector(A: Sequence[float] | np.ndarray) -> np.ndarray:
         raise ValueError(f"expected a non-empty 1-D accuracy vector, got shape {a.shape}")
     if not np.all(np.isfinite(a)):
         raise ValueError("accuracy vector contains NaN or inf; pass only the steps that were evaluated")
-    if a.min() < -_TOL or a.max() > 1 + _TOL:
+    _check_fractions(a)
+    return a
+
+
+def _check_fractions(values: np.ndarray) -> None:
+    if values.min() < -_TOL or values.max() > 1 + _TOL:
         raise ValueError(
-            f"accuracies must be fractions in [0, 1], got range [{a.min():g}, {a.max():g}]"
+            f"accuracies must be fractions in [0, 1], got range [{values.min():g}, {values.max():g}]"
             " (divide percentages by 100)"
         )
-    return a
 
 
 def _as_accuracy_matrix(R: Sequence[Sequence[float]] | np.ndarray) -> np.ndarray:
@@ -70,11 +74,7 @@ def _as_accuracy_matrix(R: Sequence[Sequence[float]] | np.ndarray) -> np.ndarray
     lower = r[np.tril_indices(r.shape[0])]
     if not np.all(np.isfinite(lower)):
         raise ValueError("accuracy matrix has NaN or inf on or below the diagonal (a task was not evaluated)")
-    if lower.min() < -_TOL or lower.max() > 1 + _TOL:
-        raise ValueError(
-            f"accuracies must be fractions in [0, 1], got range [{lower.min():g}, {lower.max():g}]"
-            " (divide percentages by 100)"
-        )
+    _check_fractions(lower)
     return r
 
 

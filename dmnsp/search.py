@@ -40,7 +40,7 @@ from typing import Any
 
 import yaml
 
-from .config import ConfigError, validate
+from .config import EXECUTION_KEYS, ConfigError, validate
 
 try:
     import optuna
@@ -85,14 +85,13 @@ OBJECTIVES = ("avg", "last")
 
 #: Run keys a search may not vary: the scenario and its split, the seed, where things are and
 #: how fast they run, and everything the pretraining of a small model depends on.
-FORBIDDEN_KEYS = frozenset(
+FORBIDDEN_KEYS = EXECUTION_KEYS | frozenset(
     {
         "dataset",
         "initial_increment",
         "increment",
         "method",
         "seed",
-        "evaluate_on",
         "val_fraction",
         "data_seed",
         "class_order",
@@ -100,13 +99,6 @@ FORBIDDEN_KEYS = frozenset(
         "pretrained",
         "max_test_per_class",
         "pretrain_per_class",
-        "dataset_root",
-        "download",
-        "cache_dir",
-        "device",
-        "num_workers",
-        "threads",
-        "eval_batch_size",
         "precision",
         "model_name",
     }
