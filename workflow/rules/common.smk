@@ -2,6 +2,7 @@
 # that plan by dictionary lookup (no file reads per job). The logic lives in dmnsp.experiments.
 
 import os
+import sys
 from functools import cache
 
 from snakemake.exceptions import WorkflowError
@@ -15,6 +16,10 @@ except ConfigError as exc:
     raise WorkflowError(f"invalid workflow config: {exc}") from None
 
 RESOURCE_TABLE = config.get("resources", [])
+
+# Rules call `python -m dmnsp`: make that the interpreter running Snakemake (which has dmnsp),
+# also when Snakemake was started as .venv/bin/snakemake without activating the environment.
+os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
 
 
 wildcard_constraints:
