@@ -163,12 +163,14 @@ def child_tiny(cfg_path: str) -> None:
 
 def child_vit(cfg_path: str, resume: str, out_dir: str) -> None:
     resettable = _reset_peak()
+    start = [_status()["VmRSS"]]  # RSS when the current phase began (after gc + trim)
 
     def phase(name: str, t0: float, **extra) -> None:
         print(
             json.dumps(
                 {
                     "phase": name,
+                    "start": start[0],
                     "peak": _peak(resettable),
                     "rss": _status()["VmRSS"],
                     "seconds": time.perf_counter() - t0,
@@ -178,6 +180,7 @@ def child_vit(cfg_path: str, resume: str, out_dir: str) -> None:
             flush=True,
         )
         _reset_peak()
+        start[0] = _status()["VmRSS"]
 
     t0 = time.perf_counter()
     import torch  # noqa: F401
@@ -285,7 +288,7 @@ def tiny(tmp: Path, quick: bool) -> list[list]:
     )
     print(
         f"  task 1 -> 3: peak {d_peak:+.2f} MiB, live tensor bytes {d_tensor:+.3f} MiB, live tensors "
-        f"{t3['tensors'] - t1['tensors']:+d}; job peak RSS (wait4) {res['maxrss_mb']:.0f} MiB; {load_line()}"
+        f"{t3['tensors'] - t1['tensors']:+d}; job peak RSS {max(x['peak'] for x in lines):.0f} MiB; {load_line()}"
     )
     return [
         [
@@ -327,40 +330,52 @@ def vit(tmp: Path) -> list[list]:
         extra = ", ".join(
             f"{k} {v:.0f}" if isinstance(v, float) else f"{k} {v}"
             for k, v in p.items()
-            if k not in ("phase", "peak", "rss", "seconds")
+            if k not in ("phase", "start", "peak", "rss", "seconds")
         )
-        rows.append([p["phase"], f"{p['peak']:.0f}", f"{p['rss']:.0f}", f"{p['seconds']:.1f}", extra])
+        rows.append(
+            [
+                p["phase"],
+                f"{p['start']:.0f}",
+                f"{p['peak']:.0f}",
+                f"{p['peak'] - p['start']:+.0f}",
+                f"{p['rss']:.0f}",
+                f"{p['seconds']:.1f}",
+                extra,
+            ]
+        )
     print(
         table(
             rows,
             [
                 "ViT-B-16 train-task phases (task 9, 9 tasks of bases)",
+                "RSS at start MiB",
                 "phase peak MiB",
-                "RSS after MiB",
+                "peak - start",
+                "RSS at end MiB",
                 "seconds",
                 "notes (MiB)",
             ],
         )
     )
     by = {p["phase"]: p for p in phases}
-    session = by["session: data + model"]
-    model_growth = session["rss"] - by["imports"]["rss"]
+    session, save, load = by["session: data + model"], by["checkpoint save"], by["checkpoint load"]
+    job_peak = max(p["peak"] for p in phases)  # wait4's ru_maxrss is unreliable once VmHWM was reset
     print(
-        f"  session build adds {model_growth:.0f} MiB of RSS for {session['params_mib']:.0f} MiB of parameters "
-        f"(one CLIP; two would need {2 * session['params_mib']:.0f}); job peak RSS (wait4) {res['maxrss_mb']:.0f} MiB"
+        f"  session build adds {session['rss'] - session['start']:.0f} MiB of RSS for {session['params_mib']:.0f} MiB "
+        f"of parameters (one CLIP; two would need {2 * session['params_mib']:.0f}); job peak RSS {job_peak:.0f} MiB"
     )
-    save, load = by["checkpoint save"], by["checkpoint load"]
     print(
-        f"  checkpoint save peaks at {save['peak'] - by['task 9: 1 step (batch 8) + bases + eval']['rss']:.0f} MiB "
-        f"above the job's RSS for a {save['file_mib']:.0f} MiB file; load peaks at "
-        f"{load['peak'] - session['rss']:.0f} MiB above it for a {load['file_mib']:.0f} MiB file; {load_line()}"
+        f"  checkpoint load: peak {load['peak'] - load['start']:+.0f} MiB for a {load['file_mib']:.0f} MiB file "
+        f"({(load['peak'] - load['start']) / load['file_mib']:.1f}x); save: peak {save['peak'] - save['start']:+.0f} "
+        f"MiB for a {save['file_mib']:.0f} MiB file ({(save['peak'] - save['start']) / save['file_mib']:.1f}x); "
+        f"{load_line()}"
     )
     clips = max(p.get("clips", 0) for p in phases)
     return [
         ["ViT-B-16: CLIP models in memory", str(clips), "1", "PASS" if clips == 1 else "MISS"],
         [
             "ViT-B-16: job peak RSS (task 9, 9 tasks of bases, batch 8)",
-            f"{res['maxrss_mb']:.0f} MiB",
+            f"{job_peak:.0f} MiB",
             "report",
             f"parameters {session['params_mib']:.0f} MiB",
         ],

@@ -450,7 +450,7 @@ def malformed(draw) -> tuple[object, str]:
     return {**base, parent: draw(GARBAGE.filter(lambda x: not isinstance(x, dict)))}, parent
 
 
-@settings(max_examples=400, deadline=None)
+@settings(database=None, max_examples=400, deadline=None)
 @given(case=malformed())
 def test_malformed_run_configs_are_config_errors_naming_the_key(case):
     cfg, key = case
@@ -459,7 +459,7 @@ def test_malformed_run_configs_are_config_errors_naming_the_key(case):
     assert key in str(info.value), (cfg, str(info.value))
 
 
-@settings(max_examples=300, deadline=None)
+@settings(database=None, max_examples=300, deadline=None)
 @given(cfg=st.dictionaries(st.sampled_from(sorted(PROPS)) | IDENT, GARBAGE, max_size=6))
 def test_random_configs_either_validate_or_are_config_errors(cfg):
     try:
@@ -477,7 +477,7 @@ def _has_empty_mapping(value) -> bool:
     return isinstance(value, list) and any(_has_empty_mapping(v) for v in value)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(database=None, max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(case=malformed().filter(lambda c: isinstance(c[0], dict)))
 def test_malformed_run_settings_stop_workflow_planning_naming_experiment_and_key(case):
     from dmnsp.experiments import expand_all

@@ -150,6 +150,7 @@ WRITER = textwrap.dedent(
     from dmnsp.io import atomic_write_bytes
     path, size = sys.argv[1], int(sys.argv[2])
     i = 0
+    atomic_write_bytes(path, bytes([i]) * size)  # one complete version before the kills begin
     print("ready", flush=True)
     while True:
         i += 1
@@ -179,7 +180,9 @@ def test_sigkill_during_writes_never_leaves_a_partial_file(tmp_path):
     assert all(name.startswith(".checkpoint.pt.") for name in leftovers(tmp_path))
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=40, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(data=st.binary(max_size=5000), fail_at=st.none() | st.integers(min_value=0, max_value=5000))
 def test_any_content_round_trips_or_leaves_the_old_file(tmp_path, data, fail_at):
     path = tmp_path / "f.bin"

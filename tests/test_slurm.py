@@ -7,10 +7,11 @@ profile leaves job sizes to the config's resource table, and the generic profile
 With a scheduler (``@pytest.mark.cluster``): a session fixture starts a single-node SLURM with
 ``.ci/slurm_up.sh`` unless one started by it is already up, and stops the daemons it started, by
 PID, at the end. The miniature config then goes through ``--profile workflow/profiles/slurm``
-(a copy that names this cluster's partition and status command, as a site would); a running
-``train_task`` job is cancelled with ``scancel`` (a preemption), Snakemake gives up on it, and a
-rerun of the same command finishes the workflow from the last finished task. Every Snakemake runs
-under ``timeout -s KILL``, so a hang fails the test instead of CI.
+(a copy that names this cluster's partition and status command, as a site would). A running
+``train_task`` job is cancelled with ``scancel`` (a preemption): Snakemake resubmits it (retries),
+the retry is cancelled too, Snakemake gives up on that run, and a rerun of the same command
+finishes the workflow from the last finished task, with the numbers of an uninterrupted local
+run. Every Snakemake runs under ``timeout -s KILL``, so a hang fails the test instead of CI.
 
 Environment: DMNSP_SLURM_EXISTING=1 runs against an already configured SLURM instead (partition
 from DMNSP_SLURM_PARTITION or the default one); DMNSP_REQUIRE_SLURM=1 turns "cannot start a
@@ -47,11 +48,18 @@ USE_EXISTING = os.environ.get("DMNSP_SLURM_EXISTING") == "1"
 REQUIRE_SLURM = os.environ.get("DMNSP_REQUIRE_SLURM") == "1"
 DAEMONS = ("slurmd", "slurmctld", "munged")  # stopping order
 
-# Each job of the SLURM test asks for this; retries may ask for up to twice as much.
+# Each job of the SLURM test asks for this (retries for more, see grown()).
 TEST_MEM_MB, TEST_RUNTIME_MIN, TEST_THREADS = 1000, 5, 1
 SNAKEMAKE_LIMIT_S = 360  # per Snakemake invocation, enforced with SIGKILL
 METHODS = ["finetune", "dmnsp"]  # two training runs: their jobs fit a 2-CPU node side by side
-PREEMPTED = {"method": "dmnsp", "task": 1}
+PREEMPTED = {"method": "dmnsp", "task": 1}  # the task whose SLURM jobs get cancelled
+# Whether workflow/rules/common.smk grows mem_mb and runtime with Snakemake's `attempt`.
+ATTEMPT_AWARE = bool(re.search(r"\(wildcards, attempt\)", (RULES / "common.smk").read_text()))
+
+
+def grown(value: int, attempt: int) -> int:
+    """A resource at `attempt` when it grows per retry: 1x, 1.5x, 2x, ... (rounded up)."""
+    return -(-value * (attempt + 1) // 2)
 
 
 def child_env() -> dict[str, str]:
@@ -94,7 +102,11 @@ def job_counts(output: str) -> dict[str, int]:
 
 
 def workflow_rules() -> set[str]:
-    return {m.group(1) for path in RULES.glob("*.smk") for m in re.finditer(r"^rule (\w+):", path.read_text(), re.M)}
+    return {
+        m.group(1)
+        for path in RULES.glob("*.smk")
+        for m in re.finditer(r"^rule (\w+):", path.read_text(), re.M)
+    }
 
 
 # --------------------------------------------------------------------------- profiles, no scheduler
@@ -104,11 +116,13 @@ def test_slurm_profile_leaves_job_sizes_to_the_resource_table():
     profile = yaml.safe_load((SLURM_PROFILE / "config.yaml").read_text())
     assert profile["executor"] == "slurm"
     assert profile["retries"] >= 1 and profile["rerun-incomplete"] and profile["local-cores"] >= 1
-    assert "slurm_partition" in profile["default-resources"] and "slurm_account" in profile["default-resources"]
-    sizes = {"mem_mb", "mem", "runtime", "threads", "cpus_per_task", "gpu", "gres"}
+    assert (
+        "slurm_partition" in profile["default-resources"] and "slurm_account" in profile["default-resources"]
+    )
     set_resources = profile.get("set-resources", {})
-    # Sizes set here would override the resource table for every dataset and model (and the
-    # attempt-dependent growth of mem_mb/runtime); the profile names only where jobs run.
+    # mem_mb, runtime or threads set here would override the resource table for every dataset and
+    # model, and the growth of mem_mb/runtime per attempt; the profile says where jobs run.
+    sizes = {"mem_mb", "mem", "runtime", "threads"}
     assert not sizes & set(profile["default-resources"])
     for rule, resources in set_resources.items():
         assert rule in workflow_rules(), f"set-resources names unknown rule {rule}"
@@ -175,9 +189,17 @@ def fake_scheduler(tmp_path, monkeypatch):
 
 
 SUBMIT_CASES = {
-    "pbs": ("4711.pbs-server\n", "4711.pbs-server", ["-l select=1:ncpus=4:mem=8000mb:ngpus=1", "walltime=01:30:00", "-V"]),
+    "pbs": (
+        "4711.pbs-server\n",
+        "4711.pbs-server",
+        ["-l select=1:ncpus=4:mem=8000mb:ngpus=1", "walltime=01:30:00", "-V"],
+    ),
     "sge": ("4712\n", "4712", ["-terse", "-pe smp 4", "h_vmem=2000M", "h_rt=01:30:00", "gpu=1"]),
-    "lsf": ("Job <4713> is submitted to queue <normal>.\n", "4713", ["-n 4", "rusage[mem=8000]", "-W 90", "num=1"]),
+    "lsf": (
+        "Job <4713> is submitted to queue <normal>.\n",
+        "4713",
+        ["-n 4", "rusage[mem=8000]", "-W 90", "num=1"],
+    ),
 }
 
 
@@ -189,7 +211,10 @@ def test_generic_submit_prints_only_the_job_id(scheduler, fake_scheduler, tmp_pa
     args = ["submit", "--scheduler", scheduler, "--name", "dmnsp-train_task", "--threads", "4"]
     args += ["--mem-mb", "8000", "--runtime", "90", "--gpus", "1", "--log-dir", str(tmp_path / "logs")]
     proc = subprocess.run(
-        [sys.executable, str(CLUSTER_PY), *args, "job.sh"], capture_output=True, text=True, env=os.environ.copy()
+        [sys.executable, str(CLUSTER_PY), *args, "job.sh"],
+        capture_output=True,
+        text=True,
+        env=os.environ.copy(),
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == f"{job_id}\n"  # the executor takes the first line as the job id
@@ -207,7 +232,11 @@ STATUS_CASES = [
     ("sge", {"qstat": ("job_number: 1\n", 0)}, "running"),
     ("sge", {"qstat": ("job_number: 1\nerror reason 1: can't chdir\n", 0)}, "failed"),
     ("sge", {"qstat": ("", 1), "qacct": ("failed       0\nexit_status  0\n", 0)}, "success"),
-    ("sge", {"qstat": ("", 1), "qacct": ("failed       100 : assumedly after job\nexit_status  137\n", 0)}, "failed"),
+    (
+        "sge",
+        {"qstat": ("", 1), "qacct": ("failed       100 : assumedly after job\nexit_status  137\n", 0)},
+        "failed",
+    ),
     ("sge", {"qstat": ("", 1), "qacct": ("error: job id 1 not found\n", 1)}, "failed"),
     ("lsf", {"bjobs": ("RUN -\n", 0)}, "running"),
     ("lsf", {"bjobs": ("PEND -\n", 0)}, "running"),
@@ -319,7 +348,9 @@ def slurm_cluster():
         config = slurm_cmd("scontrol", "show", "config").stdout
         age = re.search(r"MinJobAge\s*=\s*(\d+)", config)
         if not age or int(age.group(1)) < 120:
-            _no_scheduler(f"no accounting and MinJobAge {age and age.group(1)} s < 120 s: no usable status command")
+            _no_scheduler(
+                f"no accounting and MinJobAge {age and age.group(1)} s < 120 s: no usable status command"
+            )
     cluster = Cluster(partition, "sacct" if use_sacct else "squeue", cpus, memory, started)
     yield cluster
     for name in DAEMONS:  # only what this session started, by PID
@@ -328,9 +359,13 @@ def slurm_cluster():
 
 
 def miniature_config(path: Path, data_root: Path) -> Path:
+    """The miniature config, cut to what fits the time budget: two training runs of two tasks
+    from the randomly initialised tiny model (no pretraining job: one scheduling round less)."""
     cfg = yaml.safe_load(MINI.read_text())
     cfg["run"]["dataset_root"] = str(data_root)
     cfg["experiments"]["test"]["methods"] = METHODS
+    cfg["experiments"]["test"]["pretrain_first"] = False
+    cfg["experiments"]["test"]["run"]["pretrained"] = None  # no weights to download offline
     cfg["resources"] = [{"mem_mb": TEST_MEM_MB, "runtime": TEST_RUNTIME_MIN, "threads": TEST_THREADS}]
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
@@ -365,7 +400,8 @@ def squeue_records(run_ids: list[str]) -> list[dict[str, str]]:
     """The scheduler's records (finished jobs included) of the jobs Snakemake submitted."""
     keys = ["id", "name", "state", "partition", "min_memory", "time_limit", "cpus", "comment"]
     proc = slurm_cmd("squeue", "--states=all", "--noheader", "--format=%i|%j|%T|%P|%m|%l|%C|%k")
-    records = [dict(zip(keys, line.split("|", len(keys) - 1))) for line in proc.stdout.splitlines()]
+    rows = [line.split("|", len(keys) - 1) for line in proc.stdout.splitlines()]
+    records = [dict(zip(keys, row, strict=True)) for row in rows if len(row) == len(keys)]
     return sorted((r for r in records if r.get("name") in run_ids), key=lambda r: int(r["id"]))
 
 
@@ -398,25 +434,30 @@ def final_metrics(workdir: Path) -> dict[str, dict]:
 class SlurmRun:
     workdir: Path
     reference: Path
-    first: str
+    first: str  # output of the run that was preempted twice
     first_rc: int
-    second: str
+    second: str  # output of the rerun
     second_rc: int
-    run_ids: list[str]
-    cancelled: str
-    cancelled_dir: Path
-    before_rerun: dict[str, int]
-    records: list[dict[str, str]]
+    run_ids: list[str]  # Snakemake's SLURM run ids (job names), first run then rerun
+    cancelled: list[str]  # SLURM job ids cancelled: the task's attempt 1, then its retry
+    run_dir: Path  # the run folder of the preempted task
+    before_rerun: dict[str, int]  # modification times of results after the first run
+    records: list[dict[str, str]]  # the scheduler's records of every job submitted
     seconds: float
 
 
 @pytest.fixture(scope="module")
 def slurm_run(slurm_cluster, tmp_path_factory):
-    """The miniature workflow on SLURM, a train_task job cancelled mid-run, then the rerun."""
+    """The miniature workflow on SLURM with a task preempted twice, then the rerun.
+
+    The first Snakemake runs with --retries 1: the preempted (scancel'ed) train_task job is
+    resubmitted automatically, that retry is preempted as well, Snakemake finishes the other run
+    and stops with an error; the rerun (the same command, the profile's retries) completes it.
+    """
     cluster = slurm_cluster
     assert TEST_THREADS <= cluster.cpus, f"jobs ask for {TEST_THREADS} CPUs; the node has {cluster.cpus}"
-    assert 2 * TEST_MEM_MB <= cluster.real_memory_mb, (
-        f"jobs (and their retries) ask for up to {2 * TEST_MEM_MB} MB; the node has {cluster.real_memory_mb} MB"
+    assert grown(TEST_MEM_MB, 3) <= cluster.real_memory_mb, (
+        f"jobs and their retries ask for up to {grown(TEST_MEM_MB, 3)} MB; the node has {cluster.real_memory_mb} MB"
     )
     base = tmp_path_factory.mktemp("slurm")
     workdir, reference = base / "cluster", base / "local"
@@ -429,7 +470,7 @@ def slurm_run(slurm_cluster, tmp_path_factory):
     start = time.monotonic()
 
     # The uninterrupted reference runs locally meanwhile (its jobs are short; the cluster's jobs
-    # spend most of their time starting up).
+    # spend most of their time starting up and waiting for status checks).
     local = subprocess.Popen(
         snakemake_cmd(reference, "--cores", "1", "--configfile", str(local_config)),
         cwd=reference,
@@ -440,40 +481,52 @@ def slurm_run(slurm_cluster, tmp_path_factory):
     )
     run_ids: list[str] = []
     try:
-        # 1. Submit; no retries in this invocation, so the cancelled job makes Snakemake give up.
         first_log = base / "first.log"
         with first_log.open("w") as log:
             first = subprocess.Popen(
-                snakemake_cmd(workdir, "--profile", str(profile), "--configfile", str(config), "--retries", "0"),
+                snakemake_cmd(
+                    workdir, "--profile", str(profile), "--configfile", str(config), "--retries", "1"
+                ),
                 cwd=workdir,
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
-        cancelled, cancelled_dir = "", None
-        pattern = re.compile(rf"^rule_train_task_wildcards_.*method~{PREEMPTED['method']}_.*_{PREEMPTED['task']}$")
+        cancelled: list[str] = []
+        task_log, log_mtime = None, 0
+        pattern = re.compile(
+            rf"^rule_train_task_wildcards_.*method~{PREEMPTED['method']}_.*_{PREEMPTED['task']}$"
+        )
         deadline = time.monotonic() + SNAKEMAKE_LIMIT_S
-        while not cancelled and first.poll() is None and time.monotonic() < deadline:
+        while len(cancelled) < 2 and first.poll() is None and time.monotonic() < deadline:
             time.sleep(0.5)
             match = re.search(r"SLURM run ID: (\S+)", first_log.read_text())
             if not match:
                 continue
-            if match.group(1) not in run_ids:
-                run_ids.append(match.group(1))
+            run_ids[:1] = [match.group(1)]
             for record in squeue_records(run_ids):
-                if record["state"] != "RUNNING" or not pattern.match(record["comment"]):
+                if (
+                    record["id"] in cancelled
+                    or record["state"] != "RUNNING"
+                    or not pattern.match(record["comment"])
+                ):
                     continue
-                # Cancel once the task's command has started (its log exists): a preemption mid-task.
-                logs = list(workdir.glob(f"results/test/runs/**/method~{PREEMPTED['method']}/**/logs/train_task1.log"))
-                if logs:
+                # Preempt mid-task: once the task's command has (re)written its log.
+                logs = list(
+                    workdir.glob(f"results/test/runs/**/method~{PREEMPTED['method']}/**/logs/train_task1.log")
+                )
+                if logs and logs[0].stat().st_mtime_ns > log_mtime:
+                    task_log, log_mtime = logs[0], logs[0].stat().st_mtime_ns
                     slurm_cmd("scancel", record["id"])
-                    cancelled, cancelled_dir = record["id"], logs[0].parent.parent
+                    cancelled.append(record["id"])
         first_rc = first.wait(timeout=SNAKEMAKE_LIMIT_S)
         first_out = first_log.read_text()
-        assert cancelled, f"no running {PREEMPTED} job to cancel (exit {first_rc}):\n{first_out[-4000:]}"
+        assert len(cancelled) == 2, (
+            f"cancelled {cancelled}, not {PREEMPTED} twice (exit {first_rc}):\n{first_out[-4000:]}"
+        )
         before_rerun = mtimes(workdir)
 
-        # 2. The rerun: the same command a user types again, retries as the profile says.
+        # The rerun: the same command a user types again after a preemption.
         second = subprocess.run(
             snakemake_cmd(workdir, "--profile", str(profile), "--configfile", str(config)),
             cwd=workdir,
@@ -494,18 +547,18 @@ def slurm_run(slurm_cluster, tmp_path_factory):
             local.kill()
     print(f"\nSLURM test: {seconds:.0f} s, {len(records)} sbatch submissions", file=sys.stderr)
     return SlurmRun(
-        workdir,
-        reference,
-        first_out,
-        first_rc,
-        second_out,
-        second.returncode,
-        run_ids,
-        cancelled,
-        cancelled_dir,
-        before_rerun,
-        records,
-        seconds,
+        workdir=workdir,
+        reference=reference,
+        first=first_out,
+        first_rc=first_rc,
+        second=second_out,
+        second_rc=second.returncode,
+        run_ids=run_ids,
+        cancelled=cancelled,
+        run_dir=task_log.parent.parent,
+        before_rerun=before_rerun,
+        records=records,
+        seconds=seconds,
     )
 
 
@@ -514,7 +567,7 @@ def rule_of(record: dict[str, str]) -> str:
 
 
 @pytest.mark.cluster
-def test_jobs_go_through_sbatch_with_the_profiles_resources(slurm_run, slurm_cluster):
+def test_jobs_go_through_sbatch_with_the_resource_table(slurm_run, slurm_cluster):
     run = slurm_run
     assert run.second_rc == 0, run.second[-4000:]
     tables = run.workdir / "results" / "test" / "tables"
@@ -524,16 +577,20 @@ def test_jobs_go_through_sbatch_with_the_profiles_resources(slurm_run, slurm_clu
 
     first, second = run.run_ids
     by_run = {rid: sorted(rule_of(r) for r in run.records if r["name"] == rid) for rid in run.run_ids}
-    # localrules (all, prepare_run, compute_metrics) never reach the scheduler.
-    assert by_run[first] == ["pretrain_model"] + ["train_task"] * 2 * len(METHODS)
+    # Every training task once, plus the preempted task's retry; localrules (all, prepare_run,
+    # compute_metrics) never reach the scheduler.
+    assert by_run[first] == ["train_task"] * (2 * len(METHODS) + 1)
     assert by_run[second] == ["aggregate_results", "train_task"]
+    retry = run.cancelled[1]
     for record in run.records:
-        assert record["partition"] == slurm_cluster.partition
-        assert record["min_memory"] == f"{TEST_MEM_MB}M"  # the resource table's mem_mb → --mem
-        assert record["time_limit"] == f"{TEST_RUNTIME_MIN}:00"  # runtime → --time
-        assert record["cpus"] == str(TEST_THREADS)  # threads → --cpus-per-task
-        expected = "CANCELLED" if record["id"] == run.cancelled else "COMPLETED"
-        assert record["state"] == expected, record
+        attempt = 2 if record["id"] == retry else 1
+        assert record["partition"] == slurm_cluster.partition  # the site's partition → -p
+        # The resource table's mem_mb → --mem, runtime → --time, threads → --cpus-per-task.
+        grow = grown if ATTEMPT_AWARE else (lambda value, attempt: value)
+        mem, runtime = grow(TEST_MEM_MB, attempt), grow(TEST_RUNTIME_MIN, attempt)
+        assert (record["min_memory"], record["time_limit"]) == (f"{mem}M", f"{runtime}:00"), record
+        assert record["cpus"] == str(TEST_THREADS)
+        assert record["state"] == ("CANCELLED" if record["id"] in run.cancelled else "COMPLETED"), record
         # The plugin's own record of each submission: one SLURM log per job id.
         assert list((run.workdir / ".snakemake" / "slurm_logs").rglob(f"{record['id']}.log")), record
     ctld_log = SLURM_DIR / "log" / "slurmctld.log"
@@ -543,17 +600,20 @@ def test_jobs_go_through_sbatch_with_the_profiles_resources(slurm_run, slurm_clu
 
 
 @pytest.mark.cluster
-def test_a_cancelled_task_resumes_from_the_last_finished_task(slurm_run):
+def test_a_preempted_task_resumes_from_the_last_finished_task(slurm_run):
     run = slurm_run
-    assert run.first_rc != 0, "Snakemake should stop with an error after its job was cancelled"
-    assert f"SLURM-job '{run.cancelled}' failed" in run.first
-    task0, task1 = run.cancelled_dir / "task0", run.cancelled_dir / "task1"
+    # Attempt 1 preempted → resubmitted by Snakemake (--retries); the retry preempted → Snakemake
+    # gives up on that run, finishes the others and exits with an error.
+    for job_id in run.cancelled:
+        assert f"SLURM-job '{job_id}' failed, SLURM status is: 'CANCELLED'" in run.first
+    assert run.first_rc != 0
+    task0, task1 = run.run_dir / "task0", run.run_dir / "task1"
     rel = lambda p: str(p.relative_to(run.workdir))  # noqa: E731
-    # After the preemption: task 0 finished (with the checkpoint task 1 resumes from), task 1 did not.
+    # Task 0 stayed finished (with the checkpoint task 1 resumes from); task 1 left nothing behind.
     assert rel(task0 / "eval.json") in run.before_rerun
     assert rel(task0 / "checkpoint.pt") in run.before_rerun
-    assert not (rel(task1 / "eval.json") in run.before_rerun)
-    # The rerun ran only the cancelled task (resuming from task 0's checkpoint) and what follows it.
+    assert not [p for p in run.before_rerun if p.startswith(rel(task1))]
+    # The rerun ran only the preempted task, resuming from task 0's checkpoint, and what follows it.
     counts = job_counts(run.second)
     assert counts == {"train_task": 1, "compute_metrics": 1, "aggregate_results": 1, "all": 1}, counts
     assert f"--resume {rel(task0 / 'checkpoint.pt')}" in run.second
