@@ -19,7 +19,12 @@ RESOURCE_TABLE = config.get("resources", [])
 
 # Rules call `python -m dmnsp`: make that the interpreter running Snakemake (which has dmnsp),
 # also when Snakemake was started as .venv/bin/snakemake without activating the environment.
-os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
+envvars:
+    "PATH",
+
+
+_inherited_path = os.environ["PATH"]
+os.environ["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), _inherited_path])
 
 
 wildcard_constraints:
