@@ -10,6 +10,8 @@ import copy
 import difflib
 import hashlib
 import json
+import math
+import re
 from collections.abc import Mapping
 from functools import cache
 from importlib import resources
@@ -37,6 +39,22 @@ EXECUTION_KEYS = frozenset(
 
 class ConfigError(ValueError):
     """A run configuration is malformed; the message names the key and the fix."""
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML follows YAML 1.1, where ``1e-4`` (no dot) is a string; read it as a float."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+    list("-+0123456789."),
+)
+
+
+def load_yaml(text: str):
+    """YAML as users write it: ``1e-4`` is a number."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 @cache
@@ -104,6 +122,7 @@ def validate(cfg: Mapping[str, Any] | None) -> dict:
             f"a run configuration must be a mapping of keys to values, got {type(cfg).__name__}"
         )
     schema = run_schema()
+    _check_keys_and_numbers(cfg, schema)
     validator = Draft202012Validator(schema)
     errors = sorted(
         validator.iter_errors(dict(cfg)), key=lambda e: (len(e.absolute_path), str(e.absolute_path))
@@ -112,6 +131,28 @@ def validate(cfg: Mapping[str, Any] | None) -> dict:
         raise ConfigError("invalid run configuration: " + _describe(errors[0], schema))
     out = _fill_defaults(dict(cfg), schema)
     return _resolve(out)
+
+
+def _check_keys_and_numbers(cfg: Mapping, schema: Mapping, prefix: str = "") -> None:
+    """What JSON Schema lets through: non-string keys (YAML allows them), NaN/inf, and integral
+    floats on integer keys (2.0 counts as an integer there, but range() and DataLoader refuse it)."""
+    props = schema.get("properties", {})
+    for key, value in cfg.items():
+        if not isinstance(key, str):
+            raise ConfigError(
+                f"invalid run configuration: key {key!r} in {prefix or 'the top level'} is not a name"
+            )
+        name = prefix + key
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"invalid run configuration: '{name}': {value} is not a finite number")
+        types = props.get(key, {}).get("type", [])
+        types = [types] if isinstance(types, str) else types
+        if isinstance(value, float) and "integer" in types and "number" not in types:
+            raise ConfigError(
+                f"invalid run configuration: '{name}': {value} must be a whole number like {int(value)}"
+            )
+        if isinstance(value, Mapping) and "object" in types:
+            _check_keys_and_numbers(value, props[key], name + ".")
 
 
 def _resolve(cfg: dict) -> dict:
@@ -132,6 +173,12 @@ def _resolve(cfg: dict) -> dict:
         raise ConfigError("'projection.energy_threshold' needs projection.basis: orthonormal")
     if cfg["eval_transform"] is None:
         cfg["eval_transform"] = "train" if proj["mode"] == "faithful" else "center"
+    try:
+        cfg["prompt_template"].format("x")
+    except (IndexError, KeyError, ValueError) as exc:
+        raise ConfigError(
+            f"'prompt_template': {cfg['prompt_template']!r} must hold exactly one {{}} ({exc})"
+        ) from None
     if cfg["val_fraction"] == 0 and cfg["evaluate_on"] == "val":
         raise ConfigError("'evaluate_on': val needs val_fraction > 0")
     return cfg
@@ -145,7 +192,7 @@ def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | N
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = load_yaml(path.read_text()) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
         if not isinstance(raw, dict):
@@ -173,7 +220,7 @@ def parse_overrides(items: list[str] | None) -> dict:
         if "=" not in item:
             raise ConfigError(f"override '{item}' must look like key=value")
         key, value = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(value)
+        out[key.strip()] = load_yaml(value)
     return out
 
 

@@ -189,10 +189,8 @@ def flatten(cfg: Mapping[str, Any], prefix: str = "") -> dict:
         name = f"{prefix}{key}"
         if isinstance(value, Mapping) and value:
             out.update(flatten(value, f"{name}."))
-        elif isinstance(value, Mapping):
-            continue
         else:
-            out[name] = value
+            out[name] = value  # an empty mapping stays a value, so validation sees (and names) it
     return out
 
 

@@ -16,6 +16,7 @@ import torch
 
 from .adapters import adapter_state_dict, load_adapter_state_dict
 from .checkpoint import TaskState, load_checkpoint, save_checkpoint
+from .config import ConfigError
 from .datasets import DatasetSplits, load_dataset
 from .devices import pick_device
 from .evaluate import evaluate_seen
@@ -90,9 +91,11 @@ class Session:
             ``(new_state, eval_row, diagnostics)``.
         """
         if state.task != t - 1:
-            raise ValueError(f"task {t} must resume from the state after task {t - 1}, got task {state.task}")
+            raise ConfigError(
+                f"task {t} must resume from the state after task {t - 1}, got task {state.task}"
+            )
         if not 0 <= t < self.n_tasks:
-            raise ValueError(f"task {t} does not exist: this scenario has tasks 0..{self.n_tasks - 1}")
+            raise ConfigError(f"task {t} does not exist: this scenario has tasks 0..{self.n_tasks - 1}")
         cfg, sc = self.cfg, self.scenario
         load_adapter_state_dict(self.model, state.adapters if t > 0 else self.initial_adapters)
         bases = {k: [v.to(self.device) for v in vs] for k, vs in state.bases.items()}
@@ -154,7 +157,7 @@ def run_one_task(
 ) -> dict:
     """``dmnsp train-task``: resume from task-1's checkpoint, train and evaluate task, write its folder."""
     if task > 0 and resume is None:
-        raise ValueError(f"task {task} needs --resume with the checkpoint of task {task - 1}")
+        raise ConfigError(f"task {task} needs --resume with the checkpoint of task {task - 1}")
     # Check the checkpoint before the (slow) model and data build.
     state = load_checkpoint(resume, cfg, expect_task=task - 1) if task > 0 else TaskState()
     session = Session(cfg, progress)

@@ -315,14 +315,9 @@ def test_missing_data_weights_or_gpu_is_exit_2_without_traceback(
         assert part in err, f"{part!r} not in {err!r}"
 
 
-# ------------------------------------------------------------------------------- known gaps
+# ------------------------------------------------------------------------------- former gaps (fixed)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="bug reported to the lead: runner raises a plain ValueError, not a user error",
-)
 def test_train_task_without_resume_is_a_user_error(run_cfg, tmp_path, capsys):
     assert (
         main(["train-task", "--quiet", "--config", str(run_cfg), "--task", "1", "--out-dir", str(tmp_path)])
@@ -331,11 +326,6 @@ def test_train_task_without_resume_is_a_user_error(run_cfg, tmp_path, capsys):
     assert "--resume" in capsys.readouterr().err
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="bug reported to the lead: runner raises a plain ValueError, not a user error",
-)
 def test_task_past_the_scenario_is_a_user_error(baseline, run_cfg, tmp_path, capsys):
     resume = baseline.out / f"task{N_TASKS - 1}" / "checkpoint.pt"
     rc = main(
@@ -362,7 +352,7 @@ PROPS = SCHEMA["properties"]
 NESTED = {k: v["properties"] for k, v in PROPS.items() if v.get("type") == "object"}
 
 # Values of each JSON type. Floats are never integral (jsonschema counts 2.0 as an integer) and
-# never NaN/inf (known gaps, see the xfail tests below); keys are strings (YAML allows others:
+# never NaN/inf (those are covered by test_former_gaps_are_config_errors); keys are strings (YAML allows others:
 # also a known gap).
 JSON = {
     "null": st.none(),
@@ -519,9 +509,6 @@ def test_cross_key_rules_name_the_key(cfg, key):
         validate(cfg)
 
 
-@pytest.mark.xfail(
-    strict=True, reason="bug reported to the lead: experiments.flatten drops keys whose value is {}"
-)
 @pytest.mark.parametrize(
     "run", [{"lr": {}}, {"lrr": {}}, {"projection": {"mdoe": {}}}], ids=["lr", "typo", "nested"]
 )
@@ -534,9 +521,6 @@ def test_empty_mapping_values_in_workflow_run_settings_are_not_ignored(run):
         )
 
 
-@pytest.mark.xfail(
-    strict=True, reason="bug reported to the lead: PyYAML (YAML 1.1) reads 1e30 / 1e-4 as strings"
-)
 def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
     from dmnsp.config import parse_overrides
 
@@ -546,7 +530,7 @@ def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
     assert parse_overrides(["lr=1e30"])["lr"] == 1e30
 
 
-KNOWN_GAPS = [
+FORMER_GAPS = [
     pytest.param({1: "x"}, id="int-key"),
     pytest.param({True: 1}, id="bool-key"),
     pytest.param({None: 1}, id="null-key"),
@@ -560,10 +544,7 @@ KNOWN_GAPS = [
 ]
 
 
-@pytest.mark.xfail(
-    strict=True, reason="bug reported to the lead: accepted, or a TypeError, instead of ConfigError"
-)
-@pytest.mark.parametrize("cfg", KNOWN_GAPS)
-def test_known_gaps_are_config_errors(cfg):
+@pytest.mark.parametrize("cfg", FORMER_GAPS)
+def test_former_gaps_are_config_errors(cfg):
     with pytest.raises(ConfigError):
         validate(cfg)

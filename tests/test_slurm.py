@@ -469,17 +469,8 @@ def slurm_run(slurm_cluster, tmp_path_factory):
     env = child_env()
     start = time.monotonic()
 
-    # The uninterrupted reference runs locally meanwhile (its jobs are short; the cluster's jobs
-    # spend most of their time starting up and waiting for status checks).
-    local = subprocess.Popen(
-        snakemake_cmd(reference, "--cores", "1", "--configfile", str(local_config)),
-        cwd=reference,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
     run_ids: list[str] = []
+    local = None
     try:
         first_log = base / "first.log"
         with first_log.open("w") as log:
@@ -526,6 +517,15 @@ def slurm_run(slurm_cluster, tmp_path_factory):
         )
         before_rerun = mtimes(workdir)
 
+        # The uninterrupted reference runs locally meanwhile (the rerun keeps one CPU busy at most).
+        local = subprocess.Popen(
+            snakemake_cmd(reference, "--cores", "1", "--configfile", str(local_config)),
+            cwd=reference,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         # The rerun: the same command a user types again after a preemption.
         second = subprocess.run(
             snakemake_cmd(workdir, "--profile", str(profile), "--configfile", str(config)),
@@ -536,14 +536,14 @@ def slurm_run(slurm_cluster, tmp_path_factory):
         )
         second_out = second.stdout + second.stderr
         run_ids.append(run_id(second_out))
-        seconds = time.monotonic() - start
         local_out, _ = local.communicate(timeout=SNAKEMAKE_LIMIT_S)
+        seconds = time.monotonic() - start
         assert local.returncode == 0, f"local reference run failed:\n{local_out[-4000:]}"
         records = squeue_records(run_ids)
     finally:
         for name in run_ids:  # nothing of ours stays queued, whatever happened
             slurm_cmd("scancel", f"--name={name}")
-        if local.poll() is None:
+        if local is not None and local.poll() is None:
             local.kill()
     print(f"\nSLURM test: {seconds:.0f} s, {len(records)} sbatch submissions", file=sys.stderr)
     return SlurmRun(
