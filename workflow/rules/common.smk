@@ -184,7 +184,18 @@ def _job_key(rule_name, wildcards):
 
 
 def job_resource(rule_name, name):
-    """An input function giving resource `name` of a job of rule `rule_name` from the config's table."""
+    """An input function giving resource `name` of a job of rule `rule_name` from the config's table.
+
+    mem_mb and runtime grow with Snakemake's `attempt` (1, then 2, 3, ... under --retries): a job
+    resubmitted after running out of memory or time asks for 1.5x, 2x, ... the table's value.
+    """
+    if name in ("mem_mb", "runtime"):
+
+        def grown(wildcards, attempt):
+            base = _job_resources(rule_name, _job_key(rule_name, wildcards))[name]
+            return -(-base * (attempt + 1) // 2)  # ceil(base * (1 + (attempt - 1) / 2))
+
+        return grown
 
     def lookup(wildcards):
         return _job_resources(rule_name, _job_key(rule_name, wildcards))[name]
