@@ -140,3 +140,14 @@ def test_lr_schedule_matches_reference():
     assert lr_at(65, 100, 1e-3) == pytest.approx(0.5e-3)
     assert lr_at(100, 100, 1e-3) == pytest.approx(0.0, abs=1e-12)
     assert math.isfinite(lr_at(40, 20, 1e-3))  # T <= warm-up is guarded
+
+
+def test_left_singular_matches_svd_up_to_sign_and_is_sign_pinned():
+    c = _random_gram(7)
+    u = ns.left_singular(c)
+    ref, _, _ = torch.linalg.svd(c)
+    assert torch.allclose(u.abs(), ref.abs(), atol=1e-4)  # same vectors (distinct singular values)
+    assert torch.allclose(u.t() @ u, torch.eye(D), atol=1e-5)
+    pivots = u.abs().argmax(dim=0)
+    assert (u[pivots, torch.arange(D)] > 0).all()
+    assert torch.equal(ns.left_singular(c), u)  # deterministic
