@@ -184,17 +184,23 @@ def _resolve(cfg: dict) -> dict:
     return cfg
 
 
+def read_yaml_file(path: str | Path, what: str, error: type[ConfigError] = ConfigError) -> Any:
+    """Parse a YAML file the way users write it (``1e-4`` is a number); a missing or malformed
+    file raises ``error`` naming ``what`` and the path."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{what} {path} does not exist")
+    try:
+        return load_yaml(path.read_text())
+    except yaml.YAMLError as exc:
+        raise error(f"{what} {path} is not valid YAML: {exc}") from exc
+
+
 def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> dict:
     """Read a YAML run config, apply ``overrides`` (dotted keys allowed) and validate it."""
     raw: dict = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            raw = load_yaml(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        raw = read_yaml_file(path, "config file") or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {path} must hold a mapping of keys, not {type(raw).__name__}")
     for key, value in (overrides or {}).items():

@@ -15,9 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from .config import ConfigError, validate
+from .config import ConfigError, read_yaml_file, validate
 
 # Keys that only say where the reference code writes logs or how Hydra runs: dmnsp's workflow
 # decides its own paths, so they are ignored.
@@ -206,12 +204,7 @@ def convert_hydra_config(raw: Mapping[str, Any]) -> dict:
 def import_hydra_config(path: str | Path) -> dict:
     """Read a reference Hydra YAML file and return the dmnsp experiment spec (see :func:`convert_hydra_config`)."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"Hydra config {path} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"Hydra config {path} is not valid YAML: {exc}") from exc
+    raw = read_yaml_file(path, "Hydra config")
     try:
         return convert_hydra_config(raw or {})
     except ConfigError as exc:

@@ -17,9 +17,8 @@ from typing import Any
 
 import numpy as np
 import torch.utils.data
-import yaml
 
-from .config import ConfigError, run_schema
+from .config import ConfigError, read_yaml_file, run_schema
 from .datasets import DatasetSplits
 
 # Run-config keys read here; missing ones take the schema default (handy for partial test configs).
@@ -47,12 +46,7 @@ class ScenarioError(ConfigError):
 
 
 def _load_order_file(path: Path) -> list:
-    if not path.is_file():
-        raise ScenarioError(f"class_order file {path} does not exist")
-    try:
-        content = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ScenarioError(f"class_order file {path} is not valid YAML: {exc}") from exc
+    content = read_yaml_file(path, "class_order file", ScenarioError)
     if not isinstance(content, dict) or not isinstance(content.get("class_order"), list):
         raise ScenarioError(f"class_order file {path} must hold a mapping with a `class_order:` list")
     return content["class_order"]
