@@ -21,17 +21,16 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import yaml
 
+from dmnsp import layout, methods
+from dmnsp.config import ConfigError, validate
 from dmnsp.io import atomic_write_text
-from dmnsp.metrics import run_metrics
 
 __all__ = [
     "METRICS",
     "HYPERPARAMETERS",
     "REFERENCE_MODEL",
     "load_reference",
-    "derive_label",
     "run_settings",
     "collect_runs",
     "setting_columns",
@@ -41,7 +40,7 @@ __all__ = [
     "latex_escape",
     "hyperparameter_table",
     "write_tables",
-    "make_report_artifacts",
+    "write_tables_from",
 ]
 
 #: Accuracy-type metrics, stored as fractions per run and shown in percent in every table.
@@ -78,9 +77,8 @@ BASE_SETTINGS = (
 )
 _RUN_COLUMNS = ("seed", "status", "complete", "n_tasks", "n_tasks_done", "run_dir")
 _KNOWN_DATASETS = ("cifar100", "tinyimagenet", "fashion-mnist", "imagefolder")
-_KNOWN_METHODS = ("zeroshot", "finetune", "dmnsp")
-_METHOD_ORDER = {"zeroshot": 0, "finetune": 1, "dmnsp": 2}
-_REFERENCE_ORDER = {"zeroshot": 0, "moe_adapters": 1, "dmnsp": 2}
+#: Rows of published methods the harness does not run: after the baselines, before dmnsp.
+_REFERENCE_ORDER = {"moe_adapters": 2.5}
 _DATASET_ORDER = {"cifar100": 0, "tinyimagenet": 1}
 _STEP = re.compile(r"^step_(\d+)$")
 
@@ -102,6 +100,14 @@ def load_reference() -> pd.DataFrame:
     return ref
 
 
+def _method_order(method: Any) -> int:
+    """Row order of a method in the tables (the registry's; unknown methods last)."""
+    try:
+        return methods.get(str(method)).order
+    except methods.UnknownMethodError:
+        return 99
+
+
 def _reference_value(ref: pd.DataFrame, method: str, dataset: str, split: str, metric: str) -> float | None:
     hit = ref[
         (ref.method == method) & (ref.dataset == dataset) & (ref.split == split) & (ref.metric == metric)
@@ -110,47 +116,20 @@ def _reference_value(ref: pd.DataFrame, method: str, dataset: str, split: str, m
 
 
 # --------------------------------------------------------------------------- settings of one run
-def _resolved_projection(config: Mapping[str, Any]) -> dict[str, Any]:
-    proj = dict(config.get("projection") or {})
-    mode = proj.get("mode") or "faithful"
-    method = config.get("method")
-    proj["mode"] = mode
-    if proj.get("towers") is None:
-        proj["towers"] = "visual" if method == "dmnsp" else "none"
-    if proj.get("basis") is None:
-        proj["basis"] = "orthonormal" if mode == "clean" else "concat"
-    proj.setdefault("layers", "multi")
-    proj.setdefault("lambda", "dynamic")
-    proj.setdefault("energy_threshold", None)
-    return proj
+def _resolved(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The config with every default filled in, or as it is when it no longer validates (an old run)."""
+    try:
+        return validate(config)
+    except ConfigError:
+        return dict(config)
 
 
-def derive_label(config: Mapping[str, Any]) -> str:
-    """A readable method label from ``method`` and the projection switches that differ from the method's defaults.
-
-    ``dmnsp`` with the paper's switches is ``dmnsp``; ablations read like
-    ``dmnsp (towers=both, layers=single)``; ``clean`` mode is named first, e.g. ``finetune (clean)``.
-    """
-    method = str(config.get("method") or "unknown")
-    proj = _resolved_projection(config)
-    parts = []
-    if proj["mode"] != "faithful":
-        parts.append(str(proj["mode"]))
-    projected = method == "dmnsp" or proj["towers"] != "none"
-    if method != "zeroshot" and projected:
-        default_towers = "visual" if method == "dmnsp" else "none"
-        if proj["towers"] != default_towers:
-            parts.append(f"towers={proj['towers']}")
-        if proj["layers"] != "multi":
-            parts.append(f"layers={proj['layers']}")
-        if proj["lambda"] != "dynamic":
-            parts.append(f"lambda={proj['lambda']}")
-        default_basis = "orthonormal" if proj["mode"] == "clean" else "concat"
-        if proj["basis"] != default_basis:
-            parts.append(f"basis={proj['basis']}")
-        if proj["energy_threshold"] is not None:
-            parts.append(f"energy={proj['energy_threshold']:g}")
-    return f"{method} ({', '.join(parts)})" if parts else method
+def _label(resolved: Mapping[str, Any]) -> str:
+    """:func:`dmnsp.methods.run_label` of a run without ``run.json``."""
+    try:
+        return methods.run_label(resolved)
+    except (KeyError, methods.UnknownMethodError):
+        return str(resolved.get("method") or "unknown")
 
 
 def _flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -174,21 +153,22 @@ def run_settings(config: Mapping[str, Any], run_json: Mapping[str, Any] | None =
     """The settings that identify a run's group (everything the summary groups by), seed excluded.
 
     ``label`` and ``experiment`` come from ``run.json`` when given, else the label is
-    :func:`derive_label`. The split is ``"{initial_increment}-{increment}"``. Keys swept in
+    :func:`dmnsp.methods.run_label`. The split is ``"{initial_increment}-{increment}"``. Keys swept in
     ``run.json``'s ``settings`` that are not already columns become extra columns (values from the
     resolved config when it has them).
     """
     run_json = run_json or {}
     flat_config = _flatten(config)
+    resolved = _resolved(config)
     out: dict[str, Any] = dict.fromkeys(BASE_SETTINGS)
     out["experiment"] = run_json.get("experiment")
-    out["label"] = run_json.get("label") or derive_label(config)
+    out["label"] = run_json.get("label") or _label(resolved)
     out["dataset"] = config.get("dataset")
     if config.get("initial_increment") is not None and config.get("increment") is not None:
         out["split"] = f"{int(config['initial_increment'])}-{int(config['increment'])}"
     for key in _CONFIG_KEYS:
         out[key] = _scalar(config.get(key))
-    for key, value in _resolved_projection(config).items():
+    for key, value in (resolved.get("projection") or {}).items():
         out[f"projection.{key}"] = _scalar(value)
     covered = set(out) | {"seed", "initial_increment", "increment", "projection"}
     for key, value in _flatten(run_json.get("settings") or {}).items():
@@ -206,7 +186,7 @@ def _settings_from_path(path: Path) -> dict[str, Any]:
         part = raw.split("~", 1)[-1] if "~" in raw else raw  # workflow folders read key~value
         if part in _KNOWN_DATASETS:
             out["dataset"] = part
-        if part in _KNOWN_METHODS:
+        if part in methods.names():
             out["method"] = out["label"] = part
         match = re.fullmatch(r"seed[_=~-]?(\d+)", raw)
         if match:
@@ -236,19 +216,16 @@ def collect_runs(run_dirs: Iterable[str | Path]) -> pd.DataFrame:
     records = []
     for run_dir in run_dirs:
         path = Path(run_dir)
-        config_path, run_json_path = path / "config.yaml", path / "run.json"
-        has_tasks = path.is_dir() and any(path.glob("task*/eval.json"))
-        if not config_path.is_file() and not has_tasks:
+        if not layout.has_results(path):
             record = _settings_from_path(path)
             record.update(status="missing", complete=False, n_tasks=np.nan, n_tasks_done=0, run_dir=str(path))
             record.update(dict.fromkeys((*METRICS, *RESOURCES), np.nan))
             records.append(record)
             continue
-        config = yaml.safe_load(config_path.read_text()) if config_path.is_file() else {}
-        run_json = json.loads(run_json_path.read_text()) if run_json_path.is_file() else None
-        record = run_settings(config or {}, run_json)
-        record["seed"] = config.get("seed") if config else None
-        metrics = run_metrics(path)
+        config = layout.read_run_config(path)
+        record = run_settings(config, layout.read_run_info(path))
+        record["seed"] = config.get("seed")
+        metrics = layout.run_metrics(path)
         record.update(
             status="complete" if metrics["complete"] else "incomplete",
             complete=bool(metrics["complete"]),
@@ -461,18 +438,32 @@ def paper_table(
     summary["_name"] = display_names(summary)
     columns = _columns(summary)
     esc = latex_escape if style == "tex" else str
-    header = [(esc(f"{d} {s}"), sub) for d, s in columns for sub in ("Avg", "Last", "n")]
 
     placed = summary[summary["dataset"].notna() & summary["split"].notna()]
-    method_rank = {
-        name: _METHOD_ORDER.get(str(m), 9) for name, m in zip(placed["_name"], placed["method"], strict=True)
-    }
+    method_rank = {name: _method_order(m) for name, m in zip(placed["_name"], placed["method"], strict=True)}
     names = sorted(pd.unique(placed["_name"]), key=lambda n: (method_rank.get(n, 9), n))
     by_cell = {(r["_name"], r["dataset"], r["split"]): r for _, r in placed.iterrows()}
+    ref_methods = sorted(
+        set(reference["method"]), key=lambda m: (_REFERENCE_ORDER.get(m) or _method_order(m), m)
+    )
 
-    def flagged(r: Mapping[str, Any]) -> bool:
-        return int(r["n_complete"]) < max(int(r["n_seeds"]), expected_seeds or 0)
+    ours, any_flag = _our_rows(names, columns, by_cell, expected_seeds, style)
+    rows = [("ours", esc(name), cells) for name, cells in ours]
+    rows += [
+        ("reported", esc(f"{m} (reported)"), cells)
+        for m, cells in _reported_rows(reference, ref_methods, columns)
+    ]
+    for name, cells in _delta_rows(names, columns, by_cell, reference, ref_methods, style):
+        rows.append(("Δ ours − reported", esc(f"Δ {name}") if style == "md" else esc(name), cells))
+    notes = _table_notes(rows, any_flag, expected_seeds, summary)
+    if not rows:
+        return pd.DataFrame(), notes
+    header = [(esc(f"{d} {s}"), sub) for d, s in columns for sub in ("Avg", "Last", "n")]
+    return _assemble(rows, header, style), notes
 
+
+def _best_means(names: list[str], columns: list[tuple[str, str]], by_cell: dict) -> dict:
+    """Per (dataset, split, metric): the best of our means (2 decimals), when two or more compete."""
     best: dict[tuple[str, str, str], float] = {}
     for d, s in columns:
         for metric in ("avg", "last"):
@@ -483,9 +474,16 @@ def paper_table(
             ]
             if len(values) >= 2:
                 best[(d, s, metric)] = max(values)
+    return best
 
-    rows: list[tuple[str, str, list[str]]] = []
-    any_flag = False
+
+def _our_rows(
+    names: list[str], columns: list[tuple[str, str]], by_cell: dict, expected_seeds: int | None, style: str
+) -> tuple[list[tuple[str, list[str]]], bool]:
+    """Our rows' cells (Avg, Last, n per column) and whether any cell is flagged."""
+    best = _best_means(names, columns, by_cell)
+    dagger = "†" if style == "md" else r"\textsuperscript{\dag}"
+    rows, any_flag = [], False
     for name in names:
         cells = []
         for d, s in columns:
@@ -493,23 +491,24 @@ def paper_table(
             if r is None:
                 cells += ["", "", ""]
                 continue
-            flag = flagged(r)
+            n_complete, n_seeds = int(r["n_complete"]), int(r["n_seeds"])
+            flag = n_complete < max(n_seeds, expected_seeds or 0)
             any_flag |= flag
             for metric in ("avg", "last"):
                 mean = r[f"{metric}_mean"]
                 bold = pd.notna(mean) and best.get((d, s, metric)) == round(mean, 2)
-                cells.append(
-                    _cell(mean, r[f"{metric}_std"], int(r["n_complete"]), bold=bold, flag=flag, style=style)
-                )
-            n_text = (
-                str(int(r["n_complete"]))
-                if int(r["n_complete"]) == int(r["n_seeds"])
-                else f"{int(r['n_complete'])}/{int(r['n_seeds'])}"
-            )
-            cells.append(n_text + (("†" if style == "md" else r"\textsuperscript{\dag}") if flag else ""))
-        rows.append(("ours", esc(name), cells))
+                cells.append(_cell(mean, r[f"{metric}_std"], n_complete, bold=bold, flag=flag, style=style))
+            n_text = str(n_complete) if n_complete == n_seeds else f"{n_complete}/{n_seeds}"
+            cells.append(n_text + (dagger if flag else ""))
+        rows.append((name, cells))
+    return rows, any_flag
 
-    ref_methods = sorted(set(reference["method"]), key=lambda m: (_REFERENCE_ORDER.get(m, 9), m))
+
+def _reported_rows(
+    reference: pd.DataFrame, ref_methods: list[str], columns: list[tuple[str, str]]
+) -> list[tuple[str, list[str]]]:
+    """Published numbers of the columns shown, one row per method that has any."""
+    rows = []
     for method in ref_methods:
         cells, found = [], False
         for d, s in columns:
@@ -519,9 +518,20 @@ def paper_table(
                 cells.append("" if value is None else f"{value:.2f}")
             cells.append("")
         if found:
-            rows.append(("reported", esc(f"{method} (reported)"), cells))
+            rows.append((method, cells))
+    return rows
 
-    delta_rows = []
+
+def _delta_rows(
+    names: list[str],
+    columns: list[tuple[str, str]],
+    by_cell: dict,
+    reference: pd.DataFrame,
+    ref_methods: list[str],
+    style: str,
+) -> list[tuple[str, list[str]]]:
+    """Ours − reported, where both exist and our backbone is the reference's."""
+    rows = []
     for name in names:
         cells, found = [], False
         for d, s in columns:
@@ -537,9 +547,11 @@ def paper_table(
                 cells.append(text)
             cells.append("")
         if found:
-            delta_rows.append(("Δ ours − reported", esc(f"Δ {name}") if style == "md" else esc(name), cells))
-    rows += delta_rows
+            rows.append((name, cells))
+    return rows
 
+
+def _table_notes(rows: list, any_flag: bool, expected_seeds: int | None, summary: pd.DataFrame) -> list[str]:
     notes = [
         "Accuracy in %: mean ± std over seeds (sample std, ddof=1), '(n=1)' where one seed gives no std; "
         "bold = best reproduced value per column; n = complete seeds (complete/total when runs are missing or incomplete).",
@@ -557,19 +569,20 @@ def paper_table(
     unfinished = [text for text in summary["not_complete"] if isinstance(text, str) and text]
     if unfinished:
         notes.append("Incomplete or missing runs: " + "; ".join(unfinished) + ".")
-    if not rows:
-        return pd.DataFrame(), notes
+    return notes
 
+
+def _assemble(
+    rows: list[tuple[str, str, list[str]]], header: list[tuple[str, str]], style: str
+) -> pd.DataFrame:
     if style == "tex":
         blocks = {"ours": "ours", "reported": "reported", "Δ ours − reported": r"$\Delta$ ours$-$reported"}
         index = pd.MultiIndex.from_tuples([(blocks[b], n) for b, n, _ in rows])
+        col_index = pd.MultiIndex.from_tuples(header)
     else:
         index = pd.Index([n for _, n, _ in rows], name="method")
-    col_index = (
-        pd.MultiIndex.from_tuples(header) if style == "tex" else pd.Index([f"{c} {s}" for c, s in header])
-    )
-    table = pd.DataFrame([cells for _, _, cells in rows], index=index, columns=col_index)
-    return table, notes
+        col_index = pd.Index([f"{c} {s}" for c, s in header])
+    return pd.DataFrame([cells for _, _, cells in rows], index=index, columns=col_index)
 
 
 def _summary_markdown(summary: pd.DataFrame, reference: pd.DataFrame, expected_seeds: int | None) -> str:
@@ -680,9 +693,10 @@ def _hyperparameter_markdown(table: pd.DataFrame) -> str:
 
 
 # --------------------------------------------------------------------------- writing
-def _write_tables_from(
-    runs: pd.DataFrame, out_dir: Path, expected_seeds: int | None, reference: pd.DataFrame
+def write_tables_from(
+    runs: pd.DataFrame, out_dir: str | Path, expected_seeds: int | None, reference: pd.DataFrame
 ) -> tuple[dict[str, Path], pd.DataFrame]:
+    """:func:`write_tables` from a :func:`collect_runs` table; also returns the summary."""
     out_dir = Path(out_dir)
     summary = summarize(runs)
     hyper = hyperparameter_table(summary)
@@ -716,32 +730,5 @@ def write_tables(
     Returns:
         File name -> path of every table written.
     """
-    written, _ = _write_tables_from(collect_runs(run_dirs), Path(out_dir), expected_seeds, load_reference())
+    written, _ = write_tables_from(collect_runs(run_dirs), Path(out_dir), expected_seeds, load_reference())
     return written
-
-
-def make_report_artifacts(
-    run_dirs: Sequence[str | Path],
-    tables_dir: str | Path,
-    plots_dir: str | Path,
-    expected_seeds: int | None = None,
-) -> dict[str, Any]:
-    """Every table and figure of the results stage (the CLI's report command calls this).
-
-    Returns:
-        ``{"tables": {file name: path}, "plots": {plot kind: [paths]}}``.
-    """
-    from dmnsp import plots  # matplotlib is an optional extra: import only when figures are asked for
-
-    run_dirs = list(run_dirs)
-    Path(plots_dir).mkdir(parents=True, exist_ok=True)  # exists even when there is nothing to draw
-    reference = load_reference()
-    runs = collect_runs(run_dirs)
-    tables, summary = _write_tables_from(runs, Path(tables_dir), expected_seeds, reference)
-    figures = {
-        "accuracy_curves": plots.plot_accuracy_curves(runs, plots_dir, reference),
-        "accuracy_matrices": plots.plot_accuracy_matrices(run_dirs, plots_dir),
-        "hyperparameters": plots.plot_hyperparameters(summary, plots_dir),
-        "diagnostics": plots.plot_diagnostics(run_dirs, plots_dir),
-    }
-    return {"tables": tables, "plots": figures}

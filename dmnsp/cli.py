@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -35,29 +34,15 @@ def _load(args):
     return load_config(args.config, parse_overrides(args.overrides))
 
 
-def _git_revision() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            cwd=Path(__file__).resolve().parent,
-        )
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def cmd_run(args) -> int:
-    from .aggregate import derive_label
-    from .metrics import write_run_metrics
+    from . import layout
+    from .methods import run_label
     from .runner import run_all
 
     cfg = _load(args)
     out = Path(args.out_dir) if args.out_dir else None
     if out is not None:
-        _write_provenance(cfg, out, experiment="cli", label=derive_label(cfg), settings={})
+        layout.write_run_info(out, cfg, experiment="cli", label=run_label(cfg), settings={})
 
     def report(t, row, diag):
         seen = ", ".join(f"{a:.3f}" for a in row["accuracy_per_task"])
@@ -75,38 +60,21 @@ def cmd_run(args) -> int:
     accs = [r["accuracy"] for r in rows]
     print(f"Avg {sum(accs) / len(accs):.4f}  Last {accs[-1]:.4f}  ({len(accs)} tasks)")
     if out is not None:
-        write_run_metrics(out)
+        layout.write_run_metrics(out)
         print(f"wrote {out}")
     return 0
 
 
-def _write_provenance(cfg: dict, out_dir: Path, experiment: str, label: str, settings: dict) -> None:
-    from .config import config_hash, dump_config
-    from .io import atomic_write_json
-
-    dump_config(cfg, out_dir / "config.yaml")
-    atomic_write_json(
-        out_dir / "run.json",
-        {
-            "experiment": experiment,
-            "label": label,
-            "settings": settings,
-            "dmnsp_version": __version__,
-            "git_revision": _git_revision(),
-            "config_hash": config_hash(cfg),
-        },
-    )
-
-
 def cmd_prepare_run(args) -> int:
-    from .aggregate import derive_label
+    from . import layout
     from .config import load_config, parse_overrides
+    from .methods import run_label
 
     swept = parse_overrides(args.overrides)  # the run's own settings, recorded in run.json
     settings = json.loads(args.settings_json) if args.settings_json else {}
     settings.update(swept)
     cfg = load_config(args.config, settings)
-    _write_provenance(cfg, Path(args.out_dir), args.experiment, args.label or derive_label(cfg), swept)
+    layout.write_run_info(args.out_dir, cfg, args.experiment, args.label or run_label(cfg), swept)
     return 0
 
 
@@ -120,32 +88,16 @@ def cmd_train_task(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
+    from .adapters import load_adapter_state_dict
     from .checkpoint import load_checkpoint
-    from .evaluate import evaluate_seen
     from .io import atomic_write_json
     from .runner import Session
-    from .train import derive_seed
 
     cfg = _load(args)
     state = load_checkpoint(args.checkpoint, cfg)
     session = Session(cfg, progress=not args.quiet)
-    from .adapters import load_adapter_state_dict
-
     load_adapter_state_dict(session.model, state.adapters)
-    t, sc = state.task, session.scenario
-    row = evaluate_seen(
-        session.model,
-        session.bundle.tokenizer,
-        [session._heldout(j) for j in range(t + 1)],
-        [sc.class_names[i] for i in sc.seen_classes(t)],
-        cfg,
-        t,
-        session.n_tasks,
-        session.device,
-        derive_seed(cfg["seed"], t, "eval"),
-        session.num_workers,
-        not args.quiet,
-    )
+    row = session.evaluate(state.task)
     if args.out:
         atomic_write_json(args.out, row)
     print(json.dumps({k: row[k] for k in ("task", "accuracy", "accuracy_per_task")}))
@@ -165,7 +117,7 @@ def cmd_pretrain(args) -> int:
 
 
 def cmd_metrics(args) -> int:
-    from .metrics import write_run_metrics
+    from .layout import write_run_metrics
 
     m = write_run_metrics(args.run_dir)
     print(json.dumps({k: m[k] for k in ("avg", "last", "n_tasks_done", "complete")}))
@@ -173,7 +125,7 @@ def cmd_metrics(args) -> int:
 
 
 def cmd_report_artifacts(args) -> int:
-    from .aggregate import make_report_artifacts
+    from .report import make_report_artifacts
 
     make_report_artifacts(args.runs, args.tables_dir, args.plots_dir, expected_seeds=args.expected_seeds)
     return 0
@@ -207,6 +159,15 @@ def cmd_list_models(args) -> int:
 
     names = package_models() if args.offline else list_models()
     print("\n".join(names))
+    return 0
+
+
+def cmd_list_methods(args) -> int:
+    from . import methods
+
+    width = max(len(name) for name in methods.names())
+    for name in methods.names():
+        print(f"{name:<{width}}  {methods.get(name).description}")
     return 0
 
 
@@ -278,14 +239,15 @@ def cmd_search_export(args) -> int:
 
 
 def cmd_search_prepare_run(args) -> int:
-    from .aggregate import derive_label
+    from . import layout
     from .config import load_config
-    from .search import followup_settings, read_best, searched_label
+    from .methods import run_label
+    from .search import followup_settings, read_best
 
     settings = followup_settings(json.loads(args.settings_json), read_best(args.best))
     cfg = load_config(None, settings)
-    label = args.label or searched_label(derive_label(cfg))
-    _write_provenance(cfg, Path(args.out_dir), args.experiment, label, settings)
+    label = args.label or run_label(cfg, searched=True)
+    layout.write_run_info(args.out_dir, cfg, args.experiment, label, settings)
     return 0
 
 
@@ -399,6 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("list-models", help="open_clip architectures (and the offline tiny one)")
     p.add_argument("--offline", action="store_true", help="only the architectures shipped with dmnsp")
     p.set_defaults(func=cmd_list_models)
+
+    p = sub.add_parser("list-methods", help="continual-learning methods, each with a one-line description")
+    p.set_defaults(func=cmd_list_methods)
 
     p = sub.add_parser("list-datasets", help="supported datasets")
     p.set_defaults(func=cmd_list_datasets)

@@ -21,6 +21,9 @@ from typing import Any
 import yaml
 from jsonschema import Draft202012Validator
 
+from . import methods
+from .methods.dmnsp import MODE_DEFAULTS
+
 # Keys that say where things are or how fast to run, not what is computed: they may differ
 # between a checkpoint and the run that resumes it.
 EXECUTION_KEYS = frozenset(
@@ -62,11 +65,6 @@ def run_schema() -> dict:
     """The JSON schema (draft 2020-12) of a run configuration."""
     text = resources.files("dmnsp").joinpath("schemas/run.schema.yaml").read_text()
     return yaml.safe_load(text)
-
-
-def defaults() -> dict:
-    """A fully defaulted run configuration."""
-    return validate({})
 
 
 def _fill_defaults(cfg: dict, schema: Mapping) -> dict:
@@ -158,17 +156,18 @@ def _check_keys_and_numbers(cfg: Mapping, schema: Mapping, prefix: str = "") -> 
 def _resolve(cfg: dict) -> dict:
     """Derived settings that depend on other keys (kept explicit in the resolved config)."""
     proj = cfg["projection"]
+    method = methods.get(cfg["method"])
     if proj["towers"] is None:
-        proj["towers"] = "visual" if cfg["method"] == "dmnsp" else "none"
-    if cfg["method"] != "dmnsp" and proj["towers"] != "none":
+        proj["towers"] = method.default_towers
+    if method.default_towers == "none" and proj["towers"] != "none":
+        projecting = [n for n in methods.names() if methods.get(n).default_towers != "none"]
         raise ConfigError(
-            f"'projection.towers': {proj['towers']!r} needs method 'dmnsp' (method is {cfg['method']!r}); "
-            "set method: dmnsp or projection.towers: none"
+            f"'projection.towers': {proj['towers']!r} needs method {' or '.join(map(repr, projecting))} "
+            f"(method is {cfg['method']!r}); set method: {projecting[0]} or projection.towers: none"
         )
-    if proj["basis"] is None:
-        proj["basis"] = "concat" if proj["mode"] == "faithful" else "orthonormal"
-    if proj["target"] is None:
-        proj["target"] = "gradient" if proj["mode"] == "faithful" else "update"
+    for key, value in MODE_DEFAULTS[proj["mode"]].items():
+        if proj[key] is None:
+            proj[key] = value
     if proj["energy_threshold"] is not None and proj["basis"] != "orthonormal":
         raise ConfigError("'projection.energy_threshold' needs projection.basis: orthonormal")
     if cfg["eval_transform"] is None:
@@ -194,6 +193,24 @@ def read_yaml_file(path: str | Path, what: str, error: type[ConfigError] = Confi
         return load_yaml(path.read_text())
     except yaml.YAMLError as exc:
         raise error(f"{what} {path} is not valid YAML: {exc}") from exc
+
+
+def class_order_list(content: Any, source: str, error: type[ConfigError] = ConfigError) -> list:
+    """The class order a class-order file holds, in either of its two shapes: a bare YAML list of
+    ids (``[3, 1, 2]``) or a mapping with a ``class_order`` list (``class_order: [3, 1, 2]``).
+    The ids themselves are checked against the dataset later (:func:`dmnsp.scenario.resolve_class_order`)."""
+    order = content.get("class_order") if isinstance(content, dict) else content
+    if not isinstance(order, list):
+        raise error(f"{source} must hold a list of class ids or a mapping with a `class_order:` list")
+    return order
+
+
+def read_class_order_file(path: str | Path, error: type[ConfigError] = ConfigError) -> list:
+    """Read a class-order file (either shape of :func:`class_order_list`); the planner and the
+    task jobs both read class orders here, so they agree on what a file holds."""
+    return class_order_list(
+        read_yaml_file(path, "class_order file", error), f"class_order file {path}", error
+    )
 
 
 def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> dict:

@@ -20,11 +20,10 @@ from typing import Any
 
 import numpy as np
 import torch.utils.data
-import yaml
 from torchvision.datasets import CIFAR100, FashionMNIST, ImageFolder, VisionDataset
 from torchvision.datasets.folder import default_loader, make_dataset
 
-from .config import ConfigError
+from .config import ConfigError, class_order_list, load_yaml
 from .io import atomic_save
 
 NUM_CLASSES: dict[str, int] = {"cifar100": 100, "tinyimagenet": 200, "fashion-mnist": 10}
@@ -80,7 +79,7 @@ def default_class_order(name: str) -> list[int]:
 @cache
 def _packaged_order(name: str) -> tuple[int, ...]:
     text = resources.files("dmnsp").joinpath(f"data/class_orders/{name}.yaml").read_text()
-    return tuple(int(c) for c in yaml.safe_load(text)["class_order"])
+    return tuple(int(c) for c in class_order_list(load_yaml(text), f"packaged class order {name}"))
 
 
 @cache

@@ -10,8 +10,8 @@ from torch import nn
 from torch.utils.data import ConcatDataset, Dataset
 from tqdm.auto import tqdm
 
-from .model import clip_logits, encode_image, encode_text
-from .train import make_loader
+from .loaders import make_loader
+from .model import clip_logits, encode_image, encode_text, prompts
 
 
 @torch.no_grad()
@@ -30,7 +30,7 @@ def predict(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Argmax predictions and labels over ``dataset`` (labels are positions in ``class_names``)."""
     model.eval()
-    tokens = tokenizer([template.format(n) for n in class_names]).to(device)
+    tokens = tokenizer(prompts(class_names, template)).to(device)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
         text = encode_text(model, tokens)
     loader = make_loader(

@@ -27,62 +27,16 @@ from typing import Any
 
 import yaml
 
-from .config import ConfigError, config_hash, set_dotted, validate
+from . import layout, methods
+from .config import ConfigError, config_hash, load_yaml, read_class_order_file, set_dotted, validate
 
 # Experiment axes and the run key each one sets (splits set initial_increment and increment).
 AXES = {"datasets": "dataset", "methods": "method", "seeds": "seed"}
 SPLIT_KEYS = ("initial_increment", "increment")
 
-# Ablations of method.md section 7: variants of the dmnsp method, one switch each.
-ABLATIONS: dict[str, dict[str, Any]] = {
-    "towers-both": {"projection.towers": "both"},
-    "layers-single": {"projection.layers": "single"},
-    "lambda-fixed": {"projection.lambda": "fixed"},
-    "basis-orthonormal": {"projection.basis": "orthonormal"},
-    "mode-clean": {"projection.mode": "clean"},
-}
-
-# Run keys only training reads (zeroshot never trains) and keys only the projection reads
-# (finetune trains without it). Runs of a method are never duplicated over keys it ignores.
-TRAINING_KEYS = frozenset(
-    {
-        "batch_size",
-        "epochs",
-        "lr",
-        "weight_decay",
-        "ls",
-        "warmup_steps",
-        "max_steps",
-        "max_train_per_class",
-        "adapter_dim",
-        "adapter_scale",
-        "adapter_dropout",
-    }
-)
-PROJECTION_KEYS = frozenset({"TOP_SELECT", "TOP_K_RATIO", "LAMBDA_SCALE"})
-# Every projection.* switch but the mode (which also picks the evaluation transform) is dmnsp's own.
-PROJECTION_PREFIX = "projection."
-SHARED_PROJECTION_KEYS = frozenset({"projection.mode"})
-UNUSED_KEYS: dict[str, frozenset] = {
-    "zeroshot": TRAINING_KEYS | PROJECTION_KEYS,
-    "finetune": PROJECTION_KEYS,
-    "dmnsp": frozenset(),
-}
-
-
-# Ablations that make keys irrelevant: clean mode projects AdamW's update, where the coefficients
-# (and so TOP_K_RATIO and LAMBDA_SCALE) have no effect.
-ABLATION_UNUSED_KEYS: dict[str, frozenset] = {"mode-clean": frozenset({"TOP_K_RATIO", "LAMBDA_SCALE"})}
-
-
-def reads_key(method: str, key: str, ablation: str | None = None) -> bool:
-    """Whether runs of ``method`` (and ``ablation``) read run key ``key`` (dotted); sweeps skip keys
-    a run ignores."""
-    if method != "dmnsp" and key.startswith(PROJECTION_PREFIX) and key not in SHARED_PROJECTION_KEYS:
-        return False
-    if key in ABLATION_UNUSED_KEYS.get(ablation or "", frozenset()):
-        return False
-    return key not in UNUSED_KEYS.get(method, frozenset())
+# Ablations (method.md section 7): the methods' named variants, one switch each.
+ABLATIONS: dict[str, dict[str, Any]] = {name: dict(v.switches) for name, v in methods.variants().items()}
+reads_key = methods.reads_key
 
 
 # Run keys the pretraining of a small CLIP depends on (dmnsp pretrain); everything else (method,
@@ -105,7 +59,6 @@ PRETRAIN_KEYS = frozenset(
     }
 )
 PRETRAIN_PREFIX = "pretrain."
-PRETRAIN_DIR = "results/pretrained"
 
 # Resource table: rows apply in order, a later matching row overrides earlier ones.
 RESOURCE_KEYS = ("mem_mb", "runtime", "threads", "gpu")
@@ -146,7 +99,7 @@ class RunSpec:
 
     @property
     def run_dir(self) -> str:
-        return f"results/{self.experiment}/runs/{self.run_id}"
+        return layout.run_dir(self.experiment, self.run_id)
 
 
 @dataclass(frozen=True)
@@ -160,7 +113,7 @@ class PretrainSpec:
 
     @property
     def model_path(self) -> str:
-        return f"{PRETRAIN_DIR}/{self.pretrain_id}/model.pt"
+        return layout.pretrained_model(self.pretrain_id)
 
 
 @dataclass
@@ -245,14 +198,10 @@ def parse_split(split: Any) -> tuple[int, int]:
 
 @cache
 def _class_order_file(path: str) -> int:
-    file = Path(path)
-    if not file.is_file():
-        raise ConfigError(f"'class_order': file {path} does not exist")
-    data = yaml.safe_load(file.read_text())
-    order = data.get("class_order") if isinstance(data, dict) else data
-    if not isinstance(order, list):
-        raise ConfigError(f"'class_order': {path} must hold a list or a mapping with a 'class_order' list")
-    return len(order)
+    try:
+        return len(read_class_order_file(path))
+    except ConfigError as exc:
+        raise ConfigError(f"'class_order': {exc}") from None
 
 
 def class_count(cfg: Mapping[str, Any], num_classes: int | None = None) -> int:
@@ -396,7 +345,7 @@ def read_sheet(path: str) -> tuple[dict, ...]:
     """Rows of a sweep sheet (TSV, or CSV by extension): one hyperparameter point per row.
 
     Columns are run keys (dotted for nested ones, e.g. ``projection.mode``); cells are parsed as
-    YAML scalars (``0.001``, ``clean``, ``true``); an empty cell leaves that key unset for the row.
+    YAML scalars by the config reader (``0.001``, ``1e-4``, ``clean``, ``true``); an empty cell leaves that key unset for the row.
     Lines starting with ``#`` are comments.
     """
     file = Path(path)
@@ -422,7 +371,7 @@ def read_sheet(path: str) -> tuple[dict, ...]:
         for key, cell in zip(header, cells, strict=True):
             if cell.strip():
                 try:
-                    row[key] = yaml.safe_load(cell.strip())
+                    row[key] = load_yaml(cell.strip())
                 except yaml.YAMLError as exc:
                     raise ConfigError(
                         f"'sheet.{key}': row {number} value {cell!r} is not a scalar: {exc}"
@@ -457,8 +406,11 @@ def _project(points: list[dict], method: str, ablation: str | None = None) -> li
     return out
 
 
-def _variants(spec: Mapping, methods: list, swept_keys: set) -> list[tuple[str, str | None]]:
-    out = [(method, None) for method in methods]
+def _variants(spec: Mapping, method_names: list, swept_keys: set) -> list[tuple[str, str | None]]:
+    unknown = [m for m in method_names if m not in methods.names()]
+    if unknown:
+        raise ConfigError(f"'methods': {unknown[0]!r} is not one of {methods.names()}")
+    out = [(method, None) for method in method_names]
     ablations = spec.get("ablations") or []
     if len(set(ablations)) != len(ablations):
         raise ConfigError(f"'ablations' lists an ablation twice: {ablations}")
@@ -468,7 +420,7 @@ def _variants(spec: Mapping, methods: list, swept_keys: set) -> list[tuple[str, 
         clash = set(ABLATIONS[name]) & swept_keys
         if clash:
             raise ConfigError(f"'{sorted(clash)[0]}' is swept and set by ablation {name!r}; drop one of them")
-        out.append(("dmnsp", name))
+        out.append((methods.variant(name).method, name))
     if not out:
         raise ConfigError("'methods': the experiment has neither methods nor ablations")
     return out
@@ -530,11 +482,11 @@ def _expand(name: str, spec: Mapping, shared: Mapping) -> tuple[list[RunSpec], d
     base.update(flatten(spec.get("run") or {}))
     datasets = _axis(spec, base, "datasets", "fashion-mnist")
     splits = _splits(spec, base)
-    methods = _axis(spec, base, "methods", "dmnsp") if spec.get("methods") != [] else []
+    method_names = _axis(spec, base, "methods", "dmnsp") if spec.get("methods") != [] else []
     seeds = _axis(spec, base, "seeds", 0)
     grid = _grid(spec)
     points = _points(spec, grid)
-    variants = _variants(spec, methods, {k for point in points for k in point})
+    variants = _variants(spec, method_names, {k for point in points for k in point})
     fixed = {k: v for k, v in base.items() if k not in AXES.values() and k not in SPLIT_KEYS}
     pretrain_first = bool(spec.get("pretrain_first", False))
     num_classes = spec.get("num_classes")
@@ -567,12 +519,11 @@ def _expand(name: str, spec: Mapping, shared: Mapping) -> tuple[list[RunSpec], d
                     n_tasks = task_count(cfg, num_classes)
                 except ConfigError as exc:
                     raise ConfigError(f"run '{run_id}': {exc}") from None
-                label = run_label(method, ablation)
                 runs.append(
                     RunSpec(
                         experiment=name,
                         run_id=run_id,
-                        label=label,
+                        label=methods.run_label(cfg),
                         settings=settings,
                         swept=swept,
                         n_tasks=n_tasks,
@@ -599,18 +550,6 @@ def run_path(
     parts += [f"{key}~{format_value(value)}" for key, value in point.items()]
     parts.append(f"seed~{format_value(seed)}")
     return "/".join(parts)
-
-
-def run_label(method: str, ablation: str | None = None) -> str:
-    """Method label of the tables: ``dmnsp``, or ``dmnsp (towers=both)`` for an ablation.
-
-    Grid values and seeds are not part of it (the tables show them as columns), so a label stays
-    stable when the grid grows, and Snakemake's params trigger does not rerun finished runs.
-    """
-    if not ablation:
-        return method
-    switches = ", ".join(f"{key.rsplit('.', 1)[-1]}={value}" for key, value in ABLATIONS[ablation].items())
-    return f"{method} ({switches})"
 
 
 def expand_all(config: Mapping[str, Any]) -> Plan:

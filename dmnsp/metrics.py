@@ -9,25 +9,19 @@ Conventions (method.md section 8):
   (sample-weighted over the seen tasks).
 - Accuracies are fractions in ``[0, 1]``; every function rejects values outside that range.
 
-The metric functions are pure: they read arrays and return floats. The two file helpers at the end
-(:func:`run_metrics`, :func:`write_run_metrics`) turn a run folder's ``task*/eval.json`` files into
-``accuracy_matrix.csv`` and ``metrics.json``.
+Every function here is pure: arrays or records in, numbers out. Reading and writing a run
+folder's files is :mod:`dmnsp.layout`'s job.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import re
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-
-from dmnsp.io import atomic_write_json, atomic_write_text
 
 __all__ = [
     "average_incremental_accuracy",
@@ -37,15 +31,11 @@ __all__ = [
     "forgetting_continuum",
     "bwt_continuum",
     "accuracy_matrix_from_rows",
-    "read_eval_rows",
-    "read_diagnostics",
-    "run_metrics",
-    "write_run_metrics",
+    "metrics_from_rows",
     "accuracy_matrix_frame",
 ]
 
 _TOL = 1e-9
-_TASK_DIR = re.compile(r"^task(\d+)$")
 
 
 # --------------------------------------------------------------------------- input checks
@@ -257,36 +247,6 @@ def accuracy_matrix_from_rows(rows: Iterable[Mapping[str, Any]]) -> tuple[np.nda
     return R, A, seen == set(range(T))
 
 
-def _task_dirs(run_dir: Path) -> list[tuple[int, Path]]:
-    found = []
-    if run_dir.is_dir():
-        for child in run_dir.iterdir():
-            match = _TASK_DIR.match(child.name)
-            if match and child.is_dir():
-                found.append((int(match.group(1)), child))
-    return sorted(found)
-
-
-def read_eval_rows(run_dir: str | Path) -> list[dict]:
-    """All ``task*/eval.json`` records of a run folder, ordered by task (empty when none)."""
-    rows = []
-    for _, folder in _task_dirs(Path(run_dir)):
-        path = folder / "eval.json"
-        if path.is_file():
-            rows.append(json.loads(path.read_text()))
-    return rows
-
-
-def read_diagnostics(run_dir: str | Path) -> list[dict]:
-    """All ``task*/diagnostics.json`` records of a run folder, ordered by task (empty when none)."""
-    rows = []
-    for _, folder in _task_dirs(Path(run_dir)):
-        path = folder / "diagnostics.json"
-        if path.is_file():
-            rows.append(json.loads(path.read_text()))
-    return rows
-
-
 def _finite_or_none(value: float) -> float | None:
     return None if value is None or not math.isfinite(value) else float(value)
 
@@ -311,24 +271,27 @@ def _matrix_metrics(R: np.ndarray, A: np.ndarray, done: int) -> dict[str, float 
     }
 
 
-def _resources(eval_rows: list[dict], diag_rows: list[dict]) -> tuple[float | None, float | None]:
-    """Wall seconds over all tasks, counting each task's evaluation once, and the peak memory."""
+def _resources(
+    eval_rows: list[Mapping[str, Any]], diag_rows: list[Mapping[str, Any]]
+) -> tuple[float | None, float | None]:
+    """Wall seconds over all tasks (training, the method's own phases, evaluation counted once) and
+    the peak memory."""
     eval_seconds = {int(r["task"]): float(r["seconds"]) for r in eval_rows if r.get("seconds") is not None}
     seconds: list[float] = list(eval_seconds.values())
     memory = [float(r["peak_mem_mb"]) for r in (*eval_rows, *diag_rows) if r.get("peak_mem_mb") is not None]
     for row in diag_rows:
-        parts = row.get("seconds") or {}
-        keys = ["train", "basis", "lambda"]
-        if (
-            int(row["task"]) not in eval_seconds
-        ):  # the runner copies eval.json's seconds here: count them once
-            keys.append("eval")
-        seconds.extend(float(parts[key]) for key in keys if parts.get(key) is not None)
+        # The runner copies eval.json's seconds into the diagnostics as `eval`: count them once.
+        counted = int(row["task"]) in eval_seconds
+        for key, value in (row.get("seconds") or {}).items():
+            if value is not None and not (key == "eval" and counted):
+                seconds.append(float(value))
     return (float(sum(seconds)) if seconds else None), (max(memory) if memory else None)
 
 
-def run_metrics(run_dir: str | Path) -> dict[str, Any]:
-    """Metrics of one run folder, computed from its ``task*/eval.json`` (and ``diagnostics.json``).
+def metrics_from_rows(
+    eval_rows: Sequence[Mapping[str, Any]], diag_rows: Sequence[Mapping[str, Any]]
+) -> dict[str, Any]:
+    """Metrics of one run from its tasks' evaluation records (``eval.json``) and diagnostics.
 
     An incomplete run (some tasks not evaluated) is scored on the tasks ``0..d-1`` evaluated so far,
     with ``complete: False`` and ``n_tasks_done: d``; its ``avg``/``last`` are then *not* the final
@@ -338,14 +301,12 @@ def run_metrics(run_dir: str | Path) -> dict[str, Any]:
         ``{avg, last, accuracy_per_step, forgetting, bwt, forgetting_continuum, bwt_continuum,
         n_tasks, n_tasks_done, complete, wall_seconds, peak_mem_mb, accuracy_matrix}`` with
         accuracies as fractions; ``accuracy_matrix`` is ``R`` as nested lists (None for unknown
-        entries). ``wall_seconds`` sums, over tasks, the diagnostics' train, basis and lambda
-        seconds and the evaluation seconds (``eval.json``'s, else the diagnostics' ``eval``: the
+        entries). ``wall_seconds`` sums, over tasks, the diagnostics' seconds (training and the
+        method's own phases, e.g. DMNSP's lambda and basis) and the evaluation seconds (``eval.json``'s, else the diagnostics' ``eval``: the
         runner writes the same number in both, so it is counted once); ``peak_mem_mb`` is the
         maximum over both files.
     """
-    run_dir = Path(run_dir)
-    eval_rows = read_eval_rows(run_dir)
-    diag_rows = read_diagnostics(run_dir)
+    eval_rows, diag_rows = list(eval_rows), list(diag_rows)
     wall, peak = _resources(eval_rows, diag_rows)
     if not eval_rows:
         out: dict[str, Any] = _matrix_metrics(np.empty((0, 0)), np.empty(0), 0)
@@ -374,28 +335,12 @@ def run_metrics(run_dir: str | Path) -> dict[str, Any]:
     return out
 
 
-def accuracy_matrix_frame(R: np.ndarray) -> pd.DataFrame:
-    """``R`` as a DataFrame with rows ``after_task_i`` and columns ``task_j``."""
-    R = np.asarray(R, dtype=float)
+def accuracy_matrix_frame(R: np.ndarray | Sequence[Sequence[float | None]]) -> pd.DataFrame:
+    """``R`` (an array, or nested lists with None for unknown entries) as a DataFrame with rows
+    ``after_task_i`` and columns ``task_j``."""
+    R = np.asarray(R, dtype=float).reshape(len(R), len(R))
     return pd.DataFrame(
         R,
         index=pd.Index([f"after_task_{i}" for i in range(R.shape[0])], name="trained"),
         columns=[f"task_{j}" for j in range(R.shape[1])],
     )
-
-
-def write_run_metrics(run_dir: str | Path) -> dict[str, Any]:
-    """Write ``RUN/accuracy_matrix.csv`` and ``RUN/metrics.json`` (both atomically) and return the metrics.
-
-    ``accuracy_matrix.csv`` holds ``R`` (fractions; empty cells for entries not evaluated or above
-    the diagonal). ``metrics.json`` holds :func:`run_metrics` without the matrix.
-    """
-    run_dir = Path(run_dir)
-    metrics = run_metrics(run_dir)
-    rows = metrics["accuracy_matrix"]
-    matrix = np.array([[np.nan if v is None else v for v in row] for row in rows], dtype=float)
-    matrix = matrix.reshape(len(rows), len(rows))
-    atomic_write_text(run_dir / "accuracy_matrix.csv", accuracy_matrix_frame(matrix).to_csv())
-    summary = {key: value for key, value in metrics.items() if key != "accuracy_matrix"}
-    atomic_write_json(run_dir / "metrics.json", summary)
-    return summary

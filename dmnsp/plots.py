@@ -20,8 +20,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from dmnsp import layout, methods
 from dmnsp.aggregate import HYPERPARAMETERS, collect_runs, display_names, load_reference
-from dmnsp.metrics import accuracy_matrix_from_rows, read_diagnostics, read_eval_rows
+from dmnsp.io import atomic_save
+from dmnsp.metrics import accuracy_matrix_from_rows
 
 __all__ = [
     "METHOD_COLORS",
@@ -32,26 +34,29 @@ __all__ = [
     "plot_diagnostics",
 ]
 
-#: Fixed colours of the methods (matplotlib "tab10" hues); labels not listed get a stable hash colour.
+#: Fixed colours: each registered method's own, and published methods the harness does not run.
+#: Other labels (ablations) get a stable hash colour from the palette's remaining hues.
 METHOD_COLORS = {
-    "zeroshot": "#7f7f7f",
-    "finetune": "#ff7f0e",
-    "dmnsp": "#1f77b4",
+    **{name: methods.get(name).color for name in methods.names()},
     "moe_adapters": "#2ca02c",
 }
-_EXTRA_COLORS = (
-    "#d62728",
-    "#9467bd",
-    "#8c564b",
-    "#e377c2",
-    "#bcbd22",
-    "#17becf",
-    "#aec7e8",
-    "#ffbb78",
-    "#98df8a",
-    "#ff9896",
-    "#c5b0d5",
-    "#c49c94",
+_EXTRA_COLORS = tuple(
+    color
+    for color in (
+        "#d62728",
+        "#9467bd",
+        "#8c564b",
+        "#e377c2",
+        "#bcbd22",
+        "#17becf",
+        "#aec7e8",
+        "#ffbb78",
+        "#98df8a",
+        "#ff9896",
+        "#c5b0d5",
+        "#c49c94",
+    )
+    if color not in METHOD_COLORS.values()
 )
 _DPI = 150
 # Variants sharing a method colour (swept settings) differ by these; dashed is kept for reported curves.
@@ -88,15 +93,11 @@ def _slug(*parts: Any) -> str:
 
 
 def _save(fig: Any, out_dir: Path, stem: str) -> list[Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    files = []
-    for ext in ("png", "pdf"):
-        path = out_dir / f"{stem}.{ext}"
-        tmp = out_dir / f".{stem}.tmp.{ext}"
-        fig.savefig(tmp, format=ext, dpi=_DPI)
-        tmp.replace(path)
-        files.append(path)
-    return files
+    """``stem.png`` and ``stem.pdf``, each written atomically."""
+    return [
+        atomic_save(out_dir / f"{stem}.{ext}", lambda fh, ext=ext: fig.savefig(fh, format=ext, dpi=_DPI))
+        for ext in ("png", "pdf")
+    ]
 
 
 def _step_columns(df: pd.DataFrame) -> list[str]:
@@ -225,7 +226,7 @@ def plot_accuracy_matrices(run_dirs: Sequence[str | Path], out_dir: str | Path) 
             chosen = sub[sub["complete"]] if sub["complete"].any() else sub
             stack = []
             for run_dir in chosen["run_dir"]:
-                rows = read_eval_rows(run_dir)
+                rows = layout.read_eval_rows(run_dir)
                 if rows:
                     stack.append(accuracy_matrix_from_rows(rows)[0])
             sizes = {m.shape for m in stack}
@@ -345,7 +346,7 @@ def _lambda_run(runs: pd.DataFrame) -> pd.Series | None:
     for _, run in runs.iterrows():
         if run.get("method") != "dmnsp":
             continue
-        if any(d.get("lambda") is not None for d in read_diagnostics(run["run_dir"])):
+        if any(d.get("lambda") is not None for d in layout.read_diagnostics(run["run_dir"])):
             candidates.append(run)
     if not candidates:
         return None
@@ -358,7 +359,7 @@ def _lambda_run(runs: pd.DataFrame) -> pd.Series | None:
 
 
 def _plot_lambdas(run: pd.Series, out_dir: Path) -> list[Path]:
-    diags = [d for d in read_diagnostics(run["run_dir"]) if d.get("lambda") is not None]
+    diags = [d for d in layout.read_diagnostics(run["run_dir"]) if d.get("lambda") is not None]
     mats = [(int(d["task"]), np.asarray(d["lambda"], dtype=float)) for d in diags]
     finite = np.concatenate([m[np.isfinite(m)].ravel() for _, m in mats])
     vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
@@ -408,7 +409,7 @@ def _set_scale(ax: Any, values: np.ndarray) -> None:
 def _diagnostic_series(runs: pd.DataFrame) -> pd.DataFrame:
     records = []
     for _, run in runs.iterrows():
-        for d in read_diagnostics(run["run_dir"]):
+        for d in layout.read_diagnostics(run["run_dir"]):
             inf = d.get("inf_fraction_exp_avg_sq") or {}
             norms = d.get("update_norm") or {}
             records.append(

@@ -20,9 +20,10 @@ from .datasets import load_dataset
 from .devices import pick_device
 from .evaluate import predict
 from .io import atomic_save, atomic_write_json
-from .model import create_clip, encode_image, encode_text
+from .loaders import cycle, derive_seed, make_loader
+from .model import create_clip, encode_image, encode_text, prompts
 from .scenario import TaskDataset, build_scenario
-from .train import _cycle, derive_seed, lr_at, make_loader
+from .train import lr_at
 
 
 def pretrain(cfg: dict, out: str | Path, progress: bool = True) -> dict:
@@ -64,14 +65,14 @@ def pretrain(cfg: dict, out: str | Path, progress: bool = True) -> dict:
     params = [q for q in model.parameters() if q.requires_grad]
     opt = torch.optim.AdamW(params, lr=p["lr"], weight_decay=0.0)
     model.train()
-    batches = _cycle(loader)
+    batches = cycle(loader)
     losses = []
     for step in tqdm(range(p["steps"]), desc="pretrain", disable=not progress):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, p["steps"], p["lr"], p["warmup_steps"])
         images, labels = next(batches)
         template = pick.choice(p["templates"])
-        tokens = bundle.tokenizer([template.format(n) for n in data.class_names]).to(device)
+        tokens = bundle.tokenizer(prompts(data.class_names, template)).to(device)
         feats = encode_image(model, images.to(device)) @ encode_text(model, tokens).t()
         loss = F.cross_entropy(model.logit_scale.exp() * feats, labels.to(device))
         opt.zero_grad(set_to_none=True)

@@ -15,15 +15,16 @@ from pathlib import Path
 import torch
 
 from .adapters import adapter_state_dict, load_adapter_state_dict
-from .checkpoint import TaskState, load_checkpoint, save_checkpoint
+from .checkpoint import TaskState, load_checkpoint
 from .config import ConfigError
 from .datasets import DatasetSplits, load_dataset
 from .devices import pick_device
 from .evaluate import evaluate_seen
-from .io import atomic_write_json
+from .layout import task_dir, write_task_outputs
+from .loaders import derive_seed
 from .model import create_clip
 from .scenario import TaskDataset, build_scenario
-from .train import derive_seed, peak_memory_mb, train_task
+from .train import peak_memory_mb, train_task
 
 
 def _num_workers(spec: int | str) -> int:
@@ -66,7 +67,8 @@ class Session:
     def model(self) -> torch.nn.Module:
         return self.bundle.model
 
-    def _heldout(self, t: int) -> TaskDataset:
+    def heldout(self, t: int) -> TaskDataset:
+        """Task ``t``'s held-out images (test, or validation with ``evaluate_on: val``)."""
         sc = self.scenario
         tf = (
             self.bundle.train_transform
@@ -76,6 +78,28 @@ class Session:
         if self.cfg["evaluate_on"] == "val":
             return TaskDataset(self.data.train, sc.val_indices[t], sc.label_map, tf)
         return TaskDataset(self.data.test, sc.test_indices[t], sc.label_map, tf)
+
+    def evaluate(self, t: int) -> dict:
+        """Accuracy row of the current model after task ``t`` on the held-out data of tasks 0..t."""
+        sc, cfg = self.scenario, self.cfg
+        return evaluate_seen(
+            self.model,
+            self.bundle.tokenizer,
+            [self.heldout(j) for j in range(t + 1)],
+            [sc.class_names[i] for i in sc.seen_classes(t)],
+            cfg,
+            t,
+            self.n_tasks,
+            self.device,
+            derive_seed(cfg["seed"], t, "eval"),
+            self.num_workers,
+            self.progress,
+        )
+
+    def class_names(self, t: int) -> list[str]:
+        """Names of task ``t``'s classes, in label order."""
+        sc = self.scenario
+        return [sc.class_names[sc.label_map[c]] for c in sc.tasks[t]]
 
     def _train_set(self, t: int) -> TaskDataset:
         sc = self.scenario
@@ -98,58 +122,26 @@ class Session:
             raise ConfigError(f"task {t} does not exist: this scenario has tasks 0..{self.n_tasks - 1}")
         cfg, sc = self.cfg, self.scenario
         load_adapter_state_dict(self.model, state.adapters if t > 0 else self.initial_adapters)
-        bases = {k: [v.to(self.device) for v in vs] for k, vs in state.bases.items()}
-        if cfg["method"] == "zeroshot":
-            diag = {
-                "task": t,
-                "steps": 0,
-                "lambda": None,
-                "basis_columns": {},
-                "inf_fraction_exp_avg_sq": {"visual": 0.0, "text": 0.0},
-                "update_norm": {"visual": 0.0, "text": 0.0},
-                "loss": None,
-                "seconds": {"train": 0.0, "lambda": 0.0, "basis": 0.0},
-            }
-        else:
-            names = [sc.class_names[sc.label_map[c]] for c in sc.tasks[t]]
-            bases, diag = train_task(
-                self.model,
-                self.bundle.tokenizer,
-                self._train_set(t),
-                names,
-                cfg,
-                t,
-                bases,
-                self.device,
-                self.num_workers,
-                self.progress,
-            )
-        seen = sc.seen_classes(t)
-        row = evaluate_seen(
+        # The method's state (DMNSP: per-layer bases) travels in the checkpoint's `bases` field.
+        method_state = {k: [v.to(self.device) for v in vs] for k, vs in state.bases.items()}
+        method_state, diag = train_task(
             self.model,
             self.bundle.tokenizer,
-            [self._heldout(j) for j in range(t + 1)],
-            [sc.class_names[i] for i in seen],
+            self._train_set(t),
+            self.class_names(t),
             cfg,
             t,
-            self.n_tasks,
+            method_state,
             self.device,
-            derive_seed(cfg["seed"], t, "eval"),
             self.num_workers,
             self.progress,
+            previous_class_names=[name for j in range(t) for name in self.class_names(j)],
         )
+        row = self.evaluate(t)
         diag["seconds"]["eval"] = row["seconds"]
         diag["peak_mem_mb"] = row["peak_mem_mb"] = peak_memory_mb(self.device)
-        new_state = TaskState(t, adapter_state_dict(self.model), bases, list(seen))
+        new_state = TaskState(t, adapter_state_dict(self.model), method_state, sc.seen_classes(t))
         return new_state, row, diag
-
-
-def write_task_outputs(out_dir: str | Path, state: TaskState, row: dict, diag: dict, cfg: dict) -> None:
-    """One task's folder: eval.json, diagnostics.json, then checkpoint.pt (last, so its presence means done)."""
-    out = Path(out_dir)
-    atomic_write_json(out / "eval.json", row)
-    atomic_write_json(out / "diagnostics.json", diag)
-    save_checkpoint(out / "checkpoint.pt", state, cfg)
 
 
 def run_one_task(
@@ -183,7 +175,7 @@ def run_all(
         state, row, diag = session.run_task(t, state)
         rows.append(row)
         if out_dir is not None:
-            write_task_outputs(Path(out_dir) / f"task{t}", state, row, diag, cfg)
+            write_task_outputs(task_dir(out_dir, t), state, row, diag, cfg)
         if on_task_end is not None:
             on_task_end(t, row, diag)
     if rows:

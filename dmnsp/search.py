@@ -40,7 +40,8 @@ from typing import Any
 
 import yaml
 
-from .config import EXECUTION_KEYS, ConfigError, validate
+from . import layout
+from .config import EXECUTION_KEYS, ConfigError, read_yaml_file, validate
 
 try:
     import optuna
@@ -109,7 +110,6 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 HEARTBEAT_ATTR = "dmnsp:heartbeat"
 #: File names written by :func:`export_study` (plots under ``plots/``).
 PLOTS = ("optimization_history", "param_importances", "slice", "contour")
-SEARCH_LABEL = "searched"
 SEARCH_RUN_PART = "search~best"
 
 
@@ -288,7 +288,7 @@ class SearchPlan:
 
     @property
     def directory(self) -> str:
-        return f"results/{self.experiment}/search"
+        return layout.search_dir(self.experiment)
 
     @property
     def workers(self) -> list[int]:
@@ -321,7 +321,8 @@ def plan_search(config: Mapping[str, Any], plan=None) -> SearchPlan:
     Raises:
         SearchError: naming the key of ``search`` to fix.
     """
-    from .experiments import UNUSED_KEYS, RunSpec, expand_all, format_value, resources_for
+    from .experiments import RunSpec, expand_all, format_value, resources_for
+    from .methods import reads_key, run_label
 
     search = _with_defaults(config.get("search") or {})
     plan = plan if plan is not None else expand_all(config)
@@ -364,7 +365,7 @@ def plan_search(config: Mapping[str, Any], plan=None) -> SearchPlan:
             raise SearchError(
                 f"'search.space.{key}': {key} defines the scenario or the run, it cannot be searched"
             )
-        if key in UNUSED_KEYS.get(method, frozenset()):
+        if not reads_key(method, key):
             raise SearchError(f"'search.space.{key}': method {method} ignores {key}; search a key it reads")
     trial_run = _flatten(search["trial_run"] or {})
     for key in trial_run:
@@ -403,7 +404,7 @@ def plan_search(config: Mapping[str, Any], plan=None) -> SearchPlan:
     base.update(seed=seed, val_fraction=float(vf), evaluate_on="val")
     _check_space_against(base, space)
 
-    directory = f"results/{name}/search"
+    directory = layout.search_dir(name)
     study_name = search["study_name"] or f"dmnsp-{name}"
     workers = min(search["workers"], search["n_trials"])
     spec = {
@@ -441,7 +442,7 @@ def plan_search(config: Mapping[str, Any], plan=None) -> SearchPlan:
             RunSpec(
                 experiment=name,
                 run_id=run_id,
-                label=f"{method} ({SEARCH_LABEL})",
+                label=run_label(validate(_unflatten(strip(run.settings))), searched=True),
                 settings=strip(run.settings),
                 swept=swept,
                 n_tasks=run.n_tasks,
@@ -506,7 +507,7 @@ def load_spec(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise SearchError(f"search spec {path} does not exist; run `dmnsp search-create` first")
-    spec = yaml.safe_load(path.read_text())
+    spec = read_yaml_file(path, "search spec", SearchError)
     if not isinstance(spec, dict) or spec.get("version") != SPEC_VERSION:
         raise SearchError(f"{path} is not a dmnsp search spec (version {SPEC_VERSION})")
     return spec
@@ -867,12 +868,15 @@ def _markdown(df, title: str) -> str:
 
 
 def _plot(kind: str, study: optuna.Study, path: Path) -> str | None:
-    """Draw one of Optuna's standard plots into ``path``; a captioned placeholder when it cannot be drawn."""
-    import matplotlib
+    """Draw one of Optuna's standard plots into ``path``; a captioned placeholder when it cannot be drawn.
 
-    matplotlib.use("Agg")
+    Optuna draws through pyplot; this closes only the figure it drew and never switches the
+    global backend (headless, pyplot falls back to Agg by itself; savefig works on any backend).
+    """
     import matplotlib.pyplot as plt
     import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
     from optuna.visualization import matplotlib as ovm
 
     from .io import atomic_save
@@ -884,7 +888,6 @@ def _plot(kind: str, study: optuna.Study, path: Path) -> str | None:
         "contour": ovm.plot_contour,
     }[kind]
     problem = None
-    plt.close("all")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
@@ -897,7 +900,9 @@ def _plot(kind: str, study: optuna.Study, path: Path) -> str | None:
             fig = np.ravel(axes)[0].figure
         except Exception as exc:  # noqa: BLE001 - any plotting failure becomes a placeholder
             problem = f"{kind.replace('_', ' ')}: not drawn ({exc})"
-            fig, ax = plt.subplots(figsize=(6, 2))
+            fig = Figure(figsize=(6, 2))
+            FigureCanvasAgg(fig)
+            ax = fig.add_subplot()
             ax.axis("off")
             ax.text(0.5, 0.5, problem, ha="center", va="center", wrap=True)
     fig.set_size_inches(max(fig.get_size_inches()[0], 6), max(fig.get_size_inches()[1], 4))
@@ -963,7 +968,7 @@ def read_best(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise SearchError(f"{path} does not exist; run `dmnsp search-export` first")
-    data = yaml.safe_load(path.read_text())
+    data = read_yaml_file(path, "best parameters file", SearchError)
     if not isinstance(data, dict) or not isinstance(data.get("params"), dict):
         raise SearchError(f"{path} holds no 'params' mapping")
     return data["params"]
@@ -981,10 +986,3 @@ def followup_settings(settings: Mapping[str, Any], best: Mapping[str, Any]) -> d
             "a follow-up run of the best setting is evaluated on the test set (evaluate_on: test)"
         )
     return out
-
-
-def searched_label(label: str) -> str:
-    """``dmnsp`` → ``dmnsp (searched)``; ``dmnsp (clean)`` → ``dmnsp (clean, searched)``."""
-    if label.endswith(")") and " (" in label:
-        return f"{label[:-1]}, {SEARCH_LABEL})"
-    return f"{label} ({SEARCH_LABEL})"

@@ -142,19 +142,6 @@ def test_load_reference_matches_method_md():
     assert not ref.duplicated(["method", "dataset", "split", "metric"]).any()
 
 
-def test_derive_label():
-    assert agg.derive_label({"method": "dmnsp", "projection": {}}) == "dmnsp"
-    assert agg.derive_label({"method": "zeroshot"}) == "zeroshot"
-    assert agg.derive_label({"method": "finetune", "projection": {"towers": None}}) == "finetune"
-    both = {"method": "dmnsp", "projection": {"towers": "both", "layers": "single", "lambda": "fixed"}}
-    assert agg.derive_label(both) == "dmnsp (towers=both, layers=single, lambda=fixed)"
-    assert agg.derive_label({"method": "dmnsp", "projection": {"mode": "clean"}}) == "dmnsp (clean)"
-    assert (
-        agg.derive_label({"method": "dmnsp", "projection": {"mode": "clean", "basis": "concat"}})
-        == "dmnsp (clean, basis=concat)"
-    )
-
-
 def test_collect_runs_keeps_every_run(paper_runs):
     runs = agg.collect_runs(paper_runs)
     assert len(runs) == len(paper_runs)

@@ -229,9 +229,11 @@ def test_imagefolder_needs_a_class_count():
     assert runs[0].n_tasks == 4
 
 
-def test_class_order_file_sets_the_class_count(tmp_path):
+@pytest.mark.parametrize("content", [{"class_order": list(range(6))}, list(range(6))])
+def test_class_order_file_sets_the_class_count(tmp_path, content):
+    # Both shapes of a class-order file plan like the task job reads them (test_scenario).
     order = tmp_path / "order.yaml"
-    order.write_text(yaml.safe_dump({"class_order": list(range(6))}))
+    order.write_text(yaml.safe_dump(content))
     runs, _ = expand_experiment(
         "e",
         spec(
@@ -242,6 +244,12 @@ def test_class_order_file_sets_the_class_count(tmp_path):
         ),
     )
     assert runs[0].n_tasks == 3
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("order: [0, 1]\n")
+    with pytest.raises(ConfigError, match="'class_order': class_order file .* must hold a list"):
+        expand_experiment(
+            "e", spec(datasets=["imagefolder"], run={"class_order": str(bad), "pretrained": None})
+        )
 
 
 def test_sweep_sheet_rows_are_points(tmp_path):
@@ -261,9 +269,11 @@ def test_sweep_sheet_rows_are_points(tmp_path):
     )
     assert "dataset~fashion-mnist/split~2-2/method~finetune/lr~0.001/seed~0" in ids
     csv_sheet = tmp_path / "points.csv"
-    csv_sheet.write_text("lr,epochs\n0.001,2\n")
+    csv_sheet.write_text("lr,epochs\n0.001,2\n1e-4,3\n")
     runs, _ = expand_experiment("e", spec(sheet=str(csv_sheet), methods=["finetune"], seeds=[0]))
     assert runs[0].settings["lr"] == 0.001 and runs[0].settings["epochs"] == 2
+    # A cell reads like the same value in a config: 1e-4 is a number, not the text "1e-4".
+    assert runs[1].settings["lr"] == pytest.approx(1e-4) and isinstance(runs[1].settings["lr"], float)
 
 
 @pytest.mark.parametrize(

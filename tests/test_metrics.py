@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from dmnsp import layout
 from dmnsp import metrics as M
 
 nan = math.nan
@@ -189,7 +190,7 @@ def test_write_run_metrics(tmp_path):
     run = tmp_path / "run"
     for t, accs in enumerate([[0.9], [0.6, 0.8], [0.5, 0.7, 0.95]]):
         _write_task(run, t, 3, accs, mem=100.0 + t)
-    out = M.write_run_metrics(run)
+    out = layout.write_run_metrics(run)
     saved = json.loads((run / "metrics.json").read_text())
     assert saved == out
     assert saved["complete"] is True and saved["n_tasks"] == 3 and saved["n_tasks_done"] == 3
@@ -215,16 +216,16 @@ def test_wall_seconds_fall_back_to_the_diagnostics_eval_time(tmp_path):
     row = json.loads((run / "task0/eval.json").read_text())
     del row["seconds"]
     (run / "task0/eval.json").write_text(json.dumps(row))
-    assert M.run_metrics(run)["wall_seconds"] == pytest.approx(10.0 + 1.0 + 0.5 + 0.25)
+    assert layout.run_metrics(run)["wall_seconds"] == pytest.approx(10.0 + 1.0 + 0.5 + 0.25)
 
 
 def test_run_metrics_incomplete_and_empty(tmp_path):
     run = tmp_path / "run"
     _write_task(run, 0, 3, [0.9])
     _write_task(run, 1, 3, [0.6, 0.8])
-    out = M.run_metrics(run)
+    out = layout.run_metrics(run)
     assert out["complete"] is False and out["n_tasks_done"] == 2 and out["n_tasks"] == 3
     assert out["last"] == pytest.approx(0.7)  # last step reached so far, flagged by complete=False
     assert out["accuracy_per_step"][2] is None
-    empty = M.write_run_metrics(tmp_path / "nothing")
+    empty = layout.write_run_metrics(tmp_path / "nothing")
     assert empty["avg"] is None and empty["complete"] is False and empty["n_tasks_done"] == 0

@@ -13,7 +13,7 @@ import yaml
 pytest.importorskip("matplotlib", reason="plots need the 'plot' extra (matplotlib)")
 
 from dmnsp import aggregate as agg  # noqa: E402
-from dmnsp import plots  # noqa: E402
+from dmnsp import plots, report  # noqa: E402
 
 N_LAYERS = 4
 
@@ -196,7 +196,7 @@ def test_hyperparameter_heatmap(tmp_path):
 
 
 def test_make_report_artifacts(run_dirs, tmp_path):
-    out = agg.make_report_artifacts(
+    out = report.make_report_artifacts(
         [*run_dirs, tmp_path / "never/seed9"], tmp_path / "tables", tmp_path / "plots", expected_seeds=2
     )
     assert set(out) == {"tables", "plots"}
@@ -205,6 +205,6 @@ def test_make_report_artifacts(run_dirs, tmp_path):
     assert out["plots"]["hyperparameters"] == []
     assert_figures([f for files in out["plots"].values() for f in files])
     md = (tmp_path / "tables/summary.md").read_text()
-    nothing = agg.make_report_artifacts([], tmp_path / "t0", tmp_path / "p0")
+    nothing = report.make_report_artifacts([], tmp_path / "t0", tmp_path / "p0")
     assert (tmp_path / "p0").is_dir() and all(files == [] for files in nothing["plots"].values())
     assert "dmnsp (reported)" in md and "never/seed9 (missing" in md and "finetune/seed2 (incomplete" in md

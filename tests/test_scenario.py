@@ -116,9 +116,14 @@ def test_class_order_sources(tmp_path):
     assert resolve_class_order(path, 4, [0, 1, 2, 3], None) == [1, 3, 0, 2]
     with pytest.raises(ScenarioError, match="does not exist"):
         resolve_class_order(str(tmp_path / "nope.yaml"), 4, [0, 1, 2, 3], None)
-    path.write_text("[1, 3, 0, 2]\n")
-    with pytest.raises(ScenarioError, match="`class_order:` list"):
-        resolve_class_order(str(path), 4, [0, 1, 2, 3], None)
+    path.write_text("[1, 3, 0, 2]\n")  # the bare-list shape reads the same
+    assert resolve_class_order(str(path), 4, [0, 1, 2, 3], None) == [1, 3, 0, 2]
+    for text in ("order: [1, 3, 0, 2]\n", "class_order: 4\n", "7\n"):
+        path.write_text(text)
+        with pytest.raises(
+            ScenarioError, match="a list of class ids or a mapping with a `class_order:` list"
+        ):
+            resolve_class_order(str(path), 4, [0, 1, 2, 3], None)
 
 
 def test_class_order_seed_permutes():

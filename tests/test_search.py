@@ -154,6 +154,7 @@ def test_plan_builds_a_validation_base_and_test_followups():
         "dataset~fashion-mnist/split~6-4/method~dmnsp/search~best/seed~0"
     ]
     follow = sp.followups[0]
+    assert follow.label == "dmnsp (searched)"  # passed on to run.json by search.smk
     assert "evaluate_on" not in follow.settings and "val_fraction" not in follow.settings
     assert not set(spec["space"]) & set(follow.settings)
     n_before = len(plan.experiments["tiny"])
@@ -212,11 +213,6 @@ def test_schema_accepts_the_example_and_states_the_package_defaults():
         schema_validate({"experiments": {"e": {}}, "search": {"colour": 1}})
     with pytest.raises(Exception, match="uniform"):
         schema_validate({"experiments": {"e": {}}, "search": {"space": {"lr": {"type": "uniform"}}}})
-
-
-def test_searched_label():
-    assert search.searched_label("dmnsp") == "dmnsp (searched)"
-    assert search.searched_label("dmnsp (clean)") == "dmnsp (clean, searched)"
 
 
 def test_objective_values():
@@ -295,9 +291,18 @@ def test_trials_evaluate_on_validation_images_only(inprocess_search):
 
 
 def test_export_writes_best_params_table_and_plots(inprocess_search):
+    import matplotlib
+    import matplotlib.pyplot as plt
+
     sp, _, _, _, tmp = inprocess_search
     out = tmp / "export"
-    result = search.export_study(sp.spec, out)
+    backend = matplotlib.get_backend()
+    plt.switch_backend("pdf")  # a user's backend: the export must leave it alone
+    try:
+        result = search.export_study(sp.spec, out)
+        assert matplotlib.get_backend() == "pdf"
+    finally:
+        plt.switch_backend(backend)
     best = yaml.safe_load((out / "best_params.yaml").read_text())
     assert search.in_space(best["params"], sp.spec["space"])
     assert best["value"] == max(t.value for t in search.load_study(sp.spec).trials)

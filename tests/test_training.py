@@ -101,5 +101,5 @@ def test_zeroshot_trains_nothing_and_finetune_keeps_no_bases(make_config, fake_d
     assert all(torch.equal(z0.adapters[k], v) for k, v in s.initial_adapters.items())
     assert zdiag["steps"] == 0 and 0 <= zrow["accuracy"] <= 1
     ((f0, _, fdiag),) = _run(make_config(method="finetune", max_steps=2), fake_data, tasks=1)
-    assert f0.bases == {} and fdiag["basis_columns"] == {}
+    assert f0.bases == {} and "basis_columns" not in fdiag
     assert fdiag["update_norm"]["visual"] > 0 and fdiag["update_norm"]["text"] > 0

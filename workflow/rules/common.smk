@@ -7,6 +7,7 @@ from functools import cache
 
 from snakemake.exceptions import WorkflowError
 
+from dmnsp import layout
 from dmnsp.config import ConfigError
 from dmnsp.experiments import cli_json, cli_sets, expand_all, resources_for
 
@@ -16,6 +17,10 @@ except ConfigError as exc:
     raise WorkflowError(f"invalid workflow config: {exc}") from None
 
 RESOURCE_TABLE = config.get("resources", [])
+
+# Rule paths with wildcards, from the one module that knows the run-folder layout.
+RUN = layout.run_dir("{experiment}", "{run}")
+PRETRAINED = layout.pretrain_dir("{pretrain_id}")
 
 # Rules call `python -m dmnsp`: make that the interpreter running Snakemake (which has dmnsp),
 # also when Snakemake was started as .venv/bin/snakemake without activating the environment.
@@ -68,7 +73,7 @@ def get_pretrain(wildcards):
 
 
 def get_run_dir(wildcards):
-    return f"results/{wildcards.experiment}/runs/{wildcards.run}"
+    return layout.run_dir(wildcards.experiment, wildcards.run)
 
 
 # ------------------------------------------------------------------------------- params
@@ -119,9 +124,9 @@ def get_train_task_input(wildcards):
     if task >= run.n_tasks:
         raise WorkflowError(f"run {run.run_dir} has {run.n_tasks} tasks; task {task} does not exist")
     run_dir = get_run_dir(wildcards)
-    inputs = {"config": f"{run_dir}/config.yaml"}
+    inputs = {"config": layout.run_file(run_dir, layout.CONFIG)}
     if task > 0:
-        inputs["resume"] = f"{run_dir}/task{task - 1}/checkpoint.pt"
+        inputs["resume"] = layout.task_file(run_dir, task - 1, layout.CHECKPOINT)
     if run.pretrain_id:
         inputs["pretrained"] = PLAN.pretrains[run.pretrain_id].model_path
     return inputs
@@ -132,8 +137,8 @@ def get_metrics_input(wildcards):
     run = get_run(wildcards)
     run_dir = get_run_dir(wildcards)
     return {
-        "config": f"{run_dir}/config.yaml",
-        "evals": [f"{run_dir}/task{t}/eval.json" for t in range(run.n_tasks)],
+        "config": layout.run_file(run_dir, layout.CONFIG),
+        "evals": [layout.task_file(run_dir, t, layout.EVAL) for t in range(run.n_tasks)],
     }
 
 
@@ -143,7 +148,7 @@ def get_experiment_metrics(wildcards):
         runs = PLAN.experiments[wildcards.experiment]
     except KeyError:
         raise WorkflowError(f"no experiment '{wildcards.experiment}' in this config") from None
-    return [f"{run.run_dir}/metrics.json" for run in runs]
+    return [layout.run_file(run.run_dir, layout.METRICS) for run in runs]
 
 
 # ------------------------------------------------------------------------------- outputs

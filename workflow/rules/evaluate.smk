@@ -5,12 +5,12 @@ rule compute_metrics:
     input:
         unpack(get_metrics_input),
     output:
-        matrix="results/{experiment}/runs/{run}/accuracy_matrix.csv",
-        metrics="results/{experiment}/runs/{run}/metrics.json",
+        matrix=layout.run_file(RUN, layout.MATRIX),
+        metrics=layout.run_file(RUN, layout.METRICS),
     log:
-        "results/{experiment}/runs/{run}/logs/compute_metrics.log",
+        f"{RUN}/logs/compute_metrics.log",
     benchmark:
-        "results/{experiment}/runs/{run}/benchmarks/compute_metrics.tsv"
+        f"{RUN}/benchmarks/compute_metrics.tsv"
     threads: 1
     resources:
         mem_mb=job_resource("compute_metrics", "mem_mb"),

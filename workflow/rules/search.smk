@@ -146,14 +146,15 @@ rule search_prepare_run:
     input:
         best=f"{SEARCH_DIR}/best_params.yaml",
     output:
-        config="results/{experiment}/runs/{run}/config.yaml",
-        info="results/{experiment}/runs/{run}/run.json",
+        config=layout.run_file(RUN, layout.CONFIG),
+        info=layout.run_file(RUN, layout.RUN_INFO),
     params:
         settings=lambda wildcards: cli_json(get_run(wildcards).settings),
+        label=get_run_label,
     log:
-        "results/{experiment}/runs/{run}/logs/prepare_run.log",
+        f"{RUN}/logs/prepare_run.log",
     benchmark:
-        "results/{experiment}/runs/{run}/benchmarks/prepare_run.tsv"
+        f"{RUN}/benchmarks/prepare_run.tsv"
     wildcard_constraints:
         experiment=re.escape(SEARCH.experiment),
         run=r"dataset~[^/]+/split~[^/]+/method~[^/]+/search~best/seed~[^/]+",
@@ -165,4 +166,5 @@ rule search_prepare_run:
         "../envs/dmnsp.yaml"
     shell:
         "python -m dmnsp search-prepare-run --best {input.best} --settings-json {params.settings}"
-        " --experiment {wildcards.experiment} --out-dir $(dirname {output.config}) > {log} 2>&1"
+        " --experiment {wildcards.experiment} --label {params.label} --out-dir $(dirname {output.config})"
+        " > {log} 2>&1"

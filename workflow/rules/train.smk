@@ -3,16 +3,16 @@
 
 rule prepare_run:
     output:
-        config="results/{experiment}/runs/{run}/config.yaml",
-        info="results/{experiment}/runs/{run}/run.json",
+        config=layout.run_file(RUN, layout.CONFIG),
+        info=layout.run_file(RUN, layout.RUN_INFO),
     params:
         settings=get_run_settings,
         swept=get_run_swept,
         label=get_run_label,
     log:
-        "results/{experiment}/runs/{run}/logs/prepare_run.log",
+        f"{RUN}/logs/prepare_run.log",
     benchmark:
-        "results/{experiment}/runs/{run}/benchmarks/prepare_run.tsv"
+        f"{RUN}/benchmarks/prepare_run.tsv"
     threads: 1
     resources:
         mem_mb=job_resource("prepare_run", "mem_mb"),
@@ -27,15 +27,15 @@ rule prepare_run:
 
 rule pretrain_model:
     output:
-        model="results/pretrained/{pretrain_id}/model.pt",
-        info="results/pretrained/{pretrain_id}/model.json",
-        config="results/pretrained/{pretrain_id}/config.yaml",
+        model=layout.pretrained_model("{pretrain_id}"),
+        info=f"{PRETRAINED}/model.json",
+        config=layout.run_file(PRETRAINED, layout.CONFIG),
     params:
         settings=get_pretrain_settings,
     log:
-        "results/pretrained/{pretrain_id}/logs/pretrain_model.log",
+        f"{PRETRAINED}/logs/pretrain_model.log",
     benchmark:
-        "results/pretrained/{pretrain_id}/benchmarks/pretrain_model.tsv"
+        f"{PRETRAINED}/benchmarks/pretrain_model.tsv"
     threads: job_resource("pretrain_model", "threads")
     resources:
         mem_mb=job_resource("pretrain_model", "mem_mb"),
@@ -54,15 +54,15 @@ rule train_task:
     input:
         unpack(get_train_task_input),
     output:
-        checkpoint=checkpoint_output("results/{experiment}/runs/{run}/task{task}/checkpoint.pt"),
-        eval="results/{experiment}/runs/{run}/task{task}/eval.json",
-        diagnostics="results/{experiment}/runs/{run}/task{task}/diagnostics.json",
+        checkpoint=checkpoint_output(layout.task_file(RUN, "{task}", layout.CHECKPOINT)),
+        eval=layout.task_file(RUN, "{task}", layout.EVAL),
+        diagnostics=layout.task_file(RUN, "{task}", layout.DIAGNOSTICS),
     params:
         resume=get_resume_option,
     log:
-        "results/{experiment}/runs/{run}/logs/train_task{task}.log",
+        f"{RUN}/logs/train_task{{task}}.log",
     benchmark:
-        "results/{experiment}/runs/{run}/benchmarks/train_task{task}.tsv"
+        f"{RUN}/benchmarks/train_task{{task}}.tsv"
     threads: job_resource("train_task", "threads")
     resources:
         mem_mb=job_resource("train_task", "mem_mb"),

@@ -1,0 +1,196 @@
+"""The results tree: where every file of a run lives, and the one place that reads and writes them.
+
+::
+
+    results/
+      pretrained/<pretrain_id>/model.pt, model.json, config.yaml, run.json
+      <experiment>/
+        runs/<run_id>/                  one continual-learning run (run_id: key~value/... parts)
+          config.yaml, run.json         resolved run config; provenance (experiment, label, settings)
+          task<t>/eval.json             accuracy row after task t
+          task<t>/diagnostics.json      training diagnostics of task t
+          task<t>/checkpoint.pt         state after task t (written last: its presence means done)
+          metrics.json, accuracy_matrix.csv
+        tables/, plots/, search/
+
+The planner, the runner, the CLI, the metrics and tables stages and the workflow's input
+functions ask this module for paths; nothing else spells a file name of a run folder. Importing it
+imports no torch (the workflow reads it at parse time).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import __version__
+from .config import config_hash, dump_config, read_yaml_file
+from .io import atomic_write_json, atomic_write_text
+from .metrics import accuracy_matrix_frame, metrics_from_rows
+
+if TYPE_CHECKING:
+    from .checkpoint import TaskState
+
+RESULTS = "results"
+CONFIG = "config.yaml"
+RUN_INFO = "run.json"
+METRICS = "metrics.json"
+MATRIX = "accuracy_matrix.csv"
+EVAL = "eval.json"
+DIAGNOSTICS = "diagnostics.json"
+CHECKPOINT = "checkpoint.pt"
+#: The files a task job writes, in the order it writes them (the checkpoint last).
+TASK_FILES = (EVAL, DIAGNOSTICS, CHECKPOINT)
+
+_TASK_DIR = re.compile(r"^task(\d+)$")
+
+
+# --------------------------------------------------------------------------- paths
+def experiment_dir(experiment: str) -> str:
+    return f"{RESULTS}/{experiment}"
+
+
+def run_dir(experiment: str, run_id: str) -> str:
+    """``results/<experiment>/runs/<run_id>`` (wildcard strings such as ``"{run}"`` work too)."""
+    return f"{RESULTS}/{experiment}/runs/{run_id}"
+
+
+def run_file(run: str | Path, name: str) -> str:
+    """A run-level file (``CONFIG``, ``RUN_INFO``, ``METRICS``, ``MATRIX``) of a run folder."""
+    return f"{run}/{name}"
+
+
+def task_dir(run: str | Path, task: int | str) -> str:
+    """The folder of task ``task`` of a run."""
+    return f"{run}/task{task}"
+
+
+def task_file(run: str | Path, task: int | str, name: str) -> str:
+    """A file of one task (``EVAL``, ``DIAGNOSTICS``, ``CHECKPOINT``)."""
+    return f"{task_dir(run, task)}/{name}"
+
+
+def pretrain_dir(pretrain_id: str) -> str:
+    return f"{RESULTS}/pretrained/{pretrain_id}"
+
+
+def pretrained_model(pretrain_id: str) -> str:
+    """The checkpoint ``dmnsp pretrain`` writes for a pretraining job (a ``.json`` summary beside it)."""
+    return f"{pretrain_dir(pretrain_id)}/model.pt"
+
+
+def search_dir(experiment: str) -> str:
+    return f"{RESULTS}/{experiment}/search"
+
+
+# --------------------------------------------------------------------------- readers
+def task_dirs(run: str | Path) -> list[tuple[int, Path]]:
+    """``(t, folder)`` of every task folder of a run, ordered by task."""
+    found = []
+    run = Path(run)
+    if run.is_dir():
+        for child in run.iterdir():
+            match = _TASK_DIR.match(child.name)
+            if match and child.is_dir():
+                found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+def _task_records(run: str | Path, name: str) -> list[dict]:
+    return [
+        json.loads((folder / name).read_text()) for _, folder in task_dirs(run) if (folder / name).is_file()
+    ]
+
+
+def read_eval_rows(run: str | Path) -> list[dict]:
+    """All ``task*/eval.json`` records of a run folder, ordered by task (empty when none)."""
+    return _task_records(run, EVAL)
+
+
+def read_diagnostics(run: str | Path) -> list[dict]:
+    """All ``task*/diagnostics.json`` records of a run folder, ordered by task (empty when none)."""
+    return _task_records(run, DIAGNOSTICS)
+
+
+def has_results(run: str | Path) -> bool:
+    """Whether a run folder holds a config or any task's evaluation (else it counts as missing)."""
+    run = Path(run)
+    return (run / CONFIG).is_file() or any((folder / EVAL).is_file() for _, folder in task_dirs(run))
+
+
+def read_run_config(run: str | Path) -> dict:
+    """The run's resolved ``config.yaml`` (empty when absent)."""
+    path = Path(run) / CONFIG
+    return (read_yaml_file(path, "run config") or {}) if path.is_file() else {}
+
+
+def read_run_info(run: str | Path) -> dict | None:
+    """The run's ``run.json`` (None when absent)."""
+    path = Path(run) / RUN_INFO
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def run_metrics(run: str | Path) -> dict[str, Any]:
+    """Metrics of one run folder (:func:`dmnsp.metrics.metrics_from_rows` of its task files)."""
+    return metrics_from_rows(read_eval_rows(run), read_diagnostics(run))
+
+
+# --------------------------------------------------------------------------- writers
+def _git_revision() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            cwd=Path(__file__).resolve().parent,
+        )
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def write_run_info(
+    run: str | Path, cfg: Mapping[str, Any], experiment: str, label: str, settings: Mapping[str, Any]
+) -> None:
+    """A run folder's ``config.yaml`` (the resolved config) and ``run.json`` (provenance)."""
+    dump_config(cfg, Path(run) / CONFIG)
+    atomic_write_json(
+        Path(run) / RUN_INFO,
+        {
+            "experiment": experiment,
+            "label": label,
+            "settings": dict(settings),
+            "dmnsp_version": __version__,
+            "git_revision": _git_revision(),
+            "config_hash": config_hash(cfg),
+        },
+    )
+
+
+def write_task_outputs(folder: str | Path, state: TaskState, row: dict, diag: dict, cfg: dict) -> None:
+    """One task's folder: eval.json, diagnostics.json, then checkpoint.pt (last, so its presence means done)."""
+    from .checkpoint import save_checkpoint  # torch: only where a task is written
+
+    folder = Path(folder)
+    atomic_write_json(folder / EVAL, row)
+    atomic_write_json(folder / DIAGNOSTICS, diag)
+    save_checkpoint(folder / CHECKPOINT, state, cfg)
+
+
+def write_run_metrics(run: str | Path) -> dict[str, Any]:
+    """Write ``accuracy_matrix.csv`` and ``metrics.json`` of a run folder (atomically); return the metrics.
+
+    ``accuracy_matrix.csv`` holds ``R`` (fractions; empty cells for entries not evaluated or above
+    the diagonal). ``metrics.json`` holds :func:`run_metrics` without the matrix.
+    """
+    metrics = run_metrics(run)
+    rows = metrics["accuracy_matrix"]
+    atomic_write_text(Path(run) / MATRIX, accuracy_matrix_frame(rows).to_csv())
+    summary = {key: value for key, value in metrics.items() if key != "accuracy_matrix"}
+    atomic_write_json(Path(run) / METRICS, summary)
+    return summary

@@ -1,0 +1,146 @@
+"""The interface of a continual-learning method: what it reads, how tables show it, and its hooks
+into the generic training loop (:func:`dmnsp.train.train_task`).
+
+The loop calls, for one task: :meth:`Method.start_task`, then every step a forward pass with the
+cross-entropy on the current task's prompts plus :meth:`Method.extra_loss`, ``backward``,
+:meth:`Method.after_backward`, the optimiser step, :meth:`Method.after_step`; finally
+:meth:`Method.end_task`, which returns the method's state for the checkpoint and its diagnostics.
+
+Class attributes are read at planning time (Snakefile parse, ``prepare-run``), so this file and
+every method file import no torch at module level: torch loads inside the hooks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+    from torch.utils.data import Dataset
+
+#: Run keys only training reads: a method that does not train is never run twice over them.
+TRAINING_KEYS = frozenset(
+    {
+        "batch_size",
+        "epochs",
+        "lr",
+        "weight_decay",
+        "ls",
+        "warmup_steps",
+        "max_steps",
+        "max_train_per_class",
+        "adapter_dim",
+        "adapter_scale",
+        "adapter_dropout",
+    }
+)
+
+#: Method state kept from task to task in the checkpoint: per tower, a list of tensors.
+MethodState = dict[str, list["torch.Tensor"]]
+
+
+@dataclass
+class TaskContext:
+    """What the training loop shares with a method during one task.
+
+    Attributes:
+        model: CLIP with adapters (only adapters require grad), on ``device``.
+        tokenizer: open_clip tokenizer.
+        train_set: the task's training images, labels task-local (0 .. n_classes-1).
+        cfg: resolved run config.
+        task: task index t.
+        state: the method's state after task t-1 (empty at t = 0), on ``device``.
+        device: compute device.
+        tokens: tokenised prompts of the current task's classes.
+        previous_class_names: names of the classes of tasks 0..t-1, in label order.
+        amp: autocast to bfloat16 (``precision: amp_bf16``).
+        step: index of the current optimiser step (set by the loop).
+    """
+
+    model: nn.Module
+    tokenizer: Any
+    train_set: Dataset
+    cfg: dict
+    task: int
+    state: MethodState
+    device: torch.device
+    tokens: torch.Tensor
+    previous_class_names: Sequence[str] = ()
+    amp: bool = False
+    step: int = 0
+
+
+class Method:
+    """Base class of every method; subclasses set the class attributes and override hooks.
+
+    Class attributes:
+        name: the run key ``method`` (and the registry name).
+        description: one line for ``dmnsp list-methods``.
+        label: name in tables and legends (default: ``name``).
+        order: row order in tables (lower first).
+        color: plot colour (hex).
+        trains: False for a method that never trains (training keys do not apply).
+        own_keys: run keys only this method reads; an entry ending in ``.`` names a group
+            (``projection.``). Other methods are never run twice over them.
+        shared_keys: keys inside ``own_keys`` groups that every method reads after all.
+        default_towers: ``projection.towers`` when the config leaves it null.
+        variants: named variants (workflow ``ablations``): run-key switches, dotted keys.
+        variant_ignores: per variant, run keys that have no effect in it.
+    """
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    label: ClassVar[str] = ""
+    order: ClassVar[int] = 50
+    color: ClassVar[str] = "#8c564b"
+    trains: ClassVar[bool] = True
+    own_keys: ClassVar[tuple[str, ...]] = ()
+    shared_keys: ClassVar[tuple[str, ...]] = ()
+    default_towers: ClassVar[str] = "none"
+    variants: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
+    variant_ignores: ClassVar[Mapping[str, frozenset]] = {}
+
+    def __init__(self) -> None:
+        #: Seconds of named phases (e.g. ``lambda``, ``basis``); those timed during the steps are
+        #: subtracted from the loop's ``train`` seconds.
+        self.seconds: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ metadata
+    @classmethod
+    def owns(cls, key: str) -> bool:
+        """Whether run key ``key`` (dotted) is one only this method reads."""
+        if key in cls.shared_keys:
+            return False
+        return any(key == own or (own.endswith(".") and key.startswith(own)) for own in cls.own_keys)
+
+    @classmethod
+    def label_parts(cls, cfg: Mapping[str, Any]) -> list[str]:
+        """``key=value`` parts of the run label: this method's switches that differ from their defaults
+        in a resolved config (none by default)."""
+        return []
+
+    # ------------------------------------------------------------------ hooks
+    def start_task(self, ctx: TaskContext) -> None:
+        """Before the first step of task ``ctx.task``."""
+
+    def extra_loss(self, ctx: TaskContext, images: torch.Tensor, image_features: torch.Tensor):
+        """A term added to the cross-entropy of this step (None: nothing added).
+
+        Args:
+            images: the batch, on the device.
+            image_features: the current model's normalised image features of ``images``.
+        """
+        return None
+
+    def after_backward(self, ctx: TaskContext) -> None:
+        """After ``loss.backward()``, before the optimiser step (gradients are in ``.grad``)."""
+
+    def after_step(self, ctx: TaskContext) -> None:
+        """After the optimiser step."""
+
+    def end_task(self, ctx: TaskContext) -> tuple[MethodState, dict]:
+        """After the last step: the state for the checkpoint and this method's diagnostics."""
+        return ctx.state, {}

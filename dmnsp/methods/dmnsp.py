@@ -1,0 +1,245 @@
+"""DMNSP: dynamic multi-layer null-space projection of the adapters' gradients (method.md sections
+4-7).
+
+From task 1 on, the first batch's adapter outputs give the dynamic coefficients and the projection
+plan (fixed for the task); every step then passes the visual adapter weights' gradients (or, in
+clean mode, AdamW's update) through all layers' operators. After the task, one shuffled batch of
+its images gives the new per-layer null-space bases, the state kept in the checkpoint.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .base import Method, MethodState, TaskContext
+from .registry import register
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+# torch and the modules that import it load inside the functions below: the planner reads this
+# file's class attributes at Snakefile parse time, where importing torch would cost seconds.
+
+#: Projection switches that follow ``projection.mode`` when the config leaves them null.
+MODE_DEFAULTS: dict[str, dict[str, str]] = {
+    "faithful": {"basis": "concat", "target": "gradient"},
+    "clean": {"basis": "orthonormal", "target": "update"},
+}
+
+
+@dataclass
+class ProjectionPlan:
+    """Per tower and layer: the operator ``M_l`` and scalar factor, fixed for the whole task."""
+
+    ops: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    factors: dict[str, list[float]] = field(default_factory=dict)
+    lambdas: dict[str, torch.Tensor] = field(default_factory=dict)
+    target: str = "gradient"
+
+    def _weights(self, model: nn.Module):
+        from ..adapters import adapters
+
+        for tower, ops in self.ops.items():
+            for adapter, op, f in zip(adapters(model, tower), ops, self.factors[tower], strict=True):
+                yield adapter.down.weight, adapter.up.weight, op, f
+
+    def apply(self, model: nn.Module) -> None:
+        """Gradient target: ``G ← G M λ`` (down), ``G ← M^T G λ`` (up), before the optimiser step."""
+        from .. import nullspace as ns
+
+        for w_down, w_up, op, f in self._weights(model):
+            if w_down.grad is not None:
+                w_down.grad = ns.project_down(w_down.grad, op, f)
+            if w_up.grad is not None:
+                w_up.grad = ns.project_up(w_up.grad, op, f)
+
+    def snapshot(self, model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(d.detach().clone(), u.detach().clone()) for d, u, _, _ in self._weights(model)]
+
+    def apply_update(self, model: nn.Module, before: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Update target: project AdamW's step itself (its elementwise scaling would otherwise leave
+        the subspace); the coefficients are step-size factors here, so they are not applied."""
+        import torch
+
+        from .. import nullspace as ns
+
+        with torch.no_grad():
+            for (w_down, w_up, op, _), (d0, u0) in zip(self._weights(model), before, strict=True):
+                w_down.copy_(d0 + ns.project_down(w_down - d0, op, 1.0))
+                w_up.copy_(u0 + ns.project_up(w_up - u0, op, 1.0))
+
+
+def projected_towers(cfg: dict) -> list[str]:
+    """Towers whose adapter gradients are projected under this config."""
+    from ..adapters import TOWERS
+
+    towers = cfg["projection"]["towers"]
+    return (
+        []
+        if cfg["method"] != "dmnsp" or towers == "none"
+        else (["visual"] if towers == "visual" else list(TOWERS))
+    )
+
+
+def build_plan(
+    cfg: dict, bases: dict[str, list[torch.Tensor]], current: dict[str, list[torch.Tensor]]
+) -> ProjectionPlan:
+    """Coefficients from the current batch's adapter outputs, then the composite operators.
+
+    Args:
+        cfg: resolved run config.
+        bases: per tower, per layer V_k from earlier tasks.
+        current: per tower, per layer adapter outputs of the first batch of this task.
+    """
+    from .. import nullspace as ns
+
+    proj = cfg["projection"]
+    plan = ProjectionPlan(target=proj["target"])
+    for tower, vs in bases.items():
+        if proj["lambda"] == "fixed":
+            lam = ns.fixed_lambda(len(vs), cfg["LAMBDA_SCALE"])
+        else:
+            u_top = [ns.top_directions(ns.gram(a), cfg["TOP_SELECT"]) for a in current[tower]]
+            lam = ns.dynamic_lambda(u_top, vs, cfg["TOP_K_RATIO"], cfg["LAMBDA_SCALE"])
+        plan.lambdas[tower] = lam.cpu()
+        plan.ops[tower] = ns.composite_operators(vs, proj["layers"])
+        plan.factors[tower] = ns.lambda_factors(lam, proj["layers"])
+    return plan
+
+
+def update_bases(
+    cfg: dict, bases: dict[str, list[torch.Tensor]], current: dict[str, list[torch.Tensor]]
+) -> dict[str, list[torch.Tensor]]:
+    """Append (concat) or fold in (orthonormal) this task's per-layer statistics."""
+    from .. import nullspace as ns
+
+    proj = cfg["projection"]
+    out = {}
+    for tower, acts in current.items():
+        prev = bases.get(tower) or [None] * len(acts)
+        new = []
+        for v, a in zip(prev, acts, strict=True):
+            c = ns.gram(a)
+            if proj["basis"] == "concat":
+                new.append(ns.concat_basis(v, c, cfg["TOP_SELECT"]))
+            else:
+                new.append(ns.orthonormal_basis(v, c, cfg["TOP_SELECT"], proj["energy_threshold"])[0])
+        out[tower] = new
+    return out
+
+
+def _record(model: nn.Module, towers: list[str], on: bool) -> None:
+    from ..adapters import set_recording
+
+    for tower in towers:
+        set_recording(model, tower, on)
+
+
+def _outputs(model: nn.Module, towers: list[str]) -> dict[str, list[torch.Tensor]]:
+    from ..adapters import recorded_outputs
+
+    return {tower: recorded_outputs(model, tower) for tower in towers}
+
+
+def basis_statistics(ctx: TaskContext, towers: list[str]) -> dict[str, list[torch.Tensor]]:
+    """Adapter outputs of one shuffled batch of the task's images, no grad, dropout on (the
+    reference never switches to eval mode here); the text tower sees the task's prompts."""
+    import torch
+
+    from ..loaders import derive_seed, make_loader
+    from ..model import encode_image, encode_text
+
+    cfg = ctx.cfg
+    basis_loader = make_loader(
+        ctx.train_set,
+        cfg["batch_size"],
+        shuffle=True,
+        seed=derive_seed(cfg["seed"], ctx.task, "basis"),
+        num_workers=0,
+        device=ctx.device,
+    )
+    images, _ = next(iter(basis_loader))
+    _record(ctx.model, towers, True)
+    with torch.no_grad(), torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=ctx.amp):
+        encode_image(ctx.model, images.to(ctx.device))
+        if "text" in towers:
+            encode_text(ctx.model, ctx.tokens)
+    current = _outputs(ctx.model, towers)
+    _record(ctx.model, towers, False)
+    return current
+
+
+@register
+class DMNSP(Method):
+    name = "dmnsp"
+    description = "dynamic multi-layer null-space projection of the adapter gradients (ICCV 2025)"
+    order = 3
+    color = "#1f77b4"
+    own_keys = ("TOP_SELECT", "TOP_K_RATIO", "LAMBDA_SCALE", "projection.")
+    # The mode also picks every method's evaluation transform.
+    shared_keys = ("projection.mode",)
+    default_towers = "visual"
+    # The ablations of method.md section 7, one switch each.
+    variants = {
+        "towers-both": {"projection.towers": "both"},
+        "layers-single": {"projection.layers": "single"},
+        "lambda-fixed": {"projection.lambda": "fixed"},
+        "basis-orthonormal": {"projection.basis": "orthonormal"},
+        "mode-clean": {"projection.mode": "clean"},
+    }
+    # Clean mode projects AdamW's update, where the coefficients have no effect.
+    variant_ignores = {"mode-clean": frozenset({"TOP_K_RATIO", "LAMBDA_SCALE"})}
+
+    @classmethod
+    def label_parts(cls, cfg: dict[str, Any]) -> list[str]:
+        proj = cfg["projection"]
+        defaults = {"towers": cls.default_towers, "layers": "multi", "lambda": "dynamic"}
+        defaults.update(MODE_DEFAULTS[proj["mode"]])
+        parts = [f"{key}={proj[key]}" for key in defaults if proj[key] != defaults[key]]
+        if proj["energy_threshold"] is not None:
+            parts.append(f"energy={proj['energy_threshold']:g}")
+        return parts
+
+    def start_task(self, ctx: TaskContext) -> None:
+        self.seconds = {"lambda": 0.0, "basis": 0.0}
+        self.towers = projected_towers(ctx.cfg)
+        self.use_proj = bool(self.towers) and ctx.task > 0 and all(ctx.state.get(t) for t in self.towers)
+        self.plan: ProjectionPlan | None = None
+        self.snap = None
+        if self.use_proj:  # the first step's adapter outputs give the coefficients
+            _record(ctx.model, self.towers, True)
+
+    def after_backward(self, ctx: TaskContext) -> None:
+        if self.use_proj and self.plan is None:
+            tl = time.perf_counter()
+            self.plan = build_plan(ctx.cfg, ctx.state, _outputs(ctx.model, self.towers))
+            _record(ctx.model, self.towers, False)
+            self.seconds["lambda"] = time.perf_counter() - tl
+        self.snap = None
+        if self.plan is not None and self.plan.target == "gradient":
+            self.plan.apply(ctx.model)
+        elif self.plan is not None:
+            self.snap = self.plan.snapshot(ctx.model)
+
+    def after_step(self, ctx: TaskContext) -> None:
+        if self.snap is not None:
+            self.plan.apply_update(ctx.model, self.snap)
+
+    def end_task(self, ctx: TaskContext) -> tuple[MethodState, dict]:
+        from ..adapters import TOWERS
+
+        tb = time.perf_counter()
+        basis_towers = [t for t in TOWERS if t in self.towers or t == "visual"]
+        new_bases = update_bases(ctx.cfg, ctx.state, basis_statistics(ctx, basis_towers))
+        self.seconds["basis"] = time.perf_counter() - tb
+        plan = self.plan
+        diagnostics = {
+            "lambda": plan.lambdas["visual"].tolist() if plan and "visual" in plan.lambdas else None,
+            "lambda_text": plan.lambdas["text"].tolist() if plan and "text" in plan.lambdas else None,
+            "lambda_factor_visual": plan.factors["visual"] if plan and "visual" in plan.factors else None,
+            "basis_columns": {t: [int(v.shape[1]) for v in vs] for t, vs in new_bases.items()},
+        }
+        return new_bases, diagnostics

@@ -1,0 +1,37 @@
+"""The results stage of an experiment: every table (:mod:`dmnsp.aggregate`) and figure
+(:mod:`dmnsp.plots`) from its run folders, as ``dmnsp report-artifacts`` writes them."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .aggregate import collect_runs, load_reference, write_tables_from
+
+
+def make_report_artifacts(
+    run_dirs: Sequence[str | Path],
+    tables_dir: str | Path,
+    plots_dir: str | Path,
+    expected_seeds: int | None = None,
+) -> dict[str, Any]:
+    """Every table and figure of the results stage.
+
+    Returns:
+        ``{"tables": {file name: path}, "plots": {plot kind: [paths]}}``.
+    """
+    from . import plots  # matplotlib is an optional extra: import only when figures are asked for
+
+    run_dirs = list(run_dirs)
+    Path(plots_dir).mkdir(parents=True, exist_ok=True)  # exists even when there is nothing to draw
+    reference = load_reference()
+    runs = collect_runs(run_dirs)
+    tables, summary = write_tables_from(runs, tables_dir, expected_seeds, reference)
+    figures = {
+        "accuracy_curves": plots.plot_accuracy_curves(runs, plots_dir, reference),
+        "accuracy_matrices": plots.plot_accuracy_matrices(run_dirs, plots_dir),
+        "hyperparameters": plots.plot_hyperparameters(summary, plots_dir),
+        "diagnostics": plots.plot_diagnostics(run_dirs, plots_dir),
+    }
+    return {"tables": tables, "plots": figures}
