@@ -5,7 +5,7 @@
 
 Part 1, per step: a ``dmnsp`` step (forward + backward + ``ProjectionPlan.apply`` + AdamW) against a
 ``finetune`` step (the same without the projection) on the same model and batch. The plan is built
-by ``dmnsp.train.build_plan`` from realistic bases: 10 tasks of faithful concat history per layer
+by ``dmnsp.methods.dmnsp.build_plan`` from realistic bases: 10 tasks of faithful concat history per layer
 (V of D × 10(D-1)), coefficients from the batch's own adapter outputs. The per-step overhead is the
 ``plan.apply`` cost (one matmul per adapter weight); it is timed alone (many repetitions, stable)
 and also shown as the difference of the two step medians (noisy on a shared machine).
@@ -46,8 +46,8 @@ from common import (  # noqa: E402
 from dmnsp import nullspace as ns  # noqa: E402
 from dmnsp.adapters import adapters, recorded_outputs, set_recording  # noqa: E402
 from dmnsp.config import validate  # noqa: E402
+from dmnsp.methods.dmnsp import build_plan  # noqa: E402
 from dmnsp.model import clip_logits, create_clip, encode_image, encode_text  # noqa: E402
-from dmnsp.train import build_plan  # noqa: E402
 
 OVERHEAD_TARGET = 0.05  # of a finetune step, ViT-B-16
 LAMBDA_BASIS_TARGET = 1.0  # seconds per task, CPU, ViT-B-16, 10 tasks of history

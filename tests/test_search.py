@@ -296,12 +296,15 @@ def test_export_writes_best_params_table_and_plots(inprocess_search):
 
     sp, _, _, _, tmp = inprocess_search
     out = tmp / "export"
-    backend = matplotlib.get_backend()
-    plt.switch_backend("pdf")  # a user's backend: the export must leave it alone
+    # A user's session: its backend (Agg under another name) and its open figure must survive.
+    backend, users = matplotlib.get_backend(), "module://matplotlib.backends.backend_agg"
+    plt.switch_backend(users)
+    figure = plt.figure()
     try:
         result = search.export_study(sp.spec, out)
-        assert matplotlib.get_backend() == "pdf"
+        assert matplotlib.get_backend() == users and plt.fignum_exists(figure.number)
     finally:
+        plt.close(figure)
         plt.switch_backend(backend)
     best = yaml.safe_load((out / "best_params.yaml").read_text())
     assert search.in_space(best["params"], sp.spec["space"])
