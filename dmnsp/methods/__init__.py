@@ -8,7 +8,7 @@ Importing this package imports no torch (the planner reads it at Snakefile parse
 """
 
 # The registration of each method: importing its file runs its @register.
-from . import dmnsp, finetune, zeroshot  # noqa: F401
+from . import dmnsp, finetune, lwf, zeroshot  # noqa: F401
 from .base import TRAINING_KEYS, Method, MethodState, TaskContext
 from .registry import (
     UnknownMethodError,
