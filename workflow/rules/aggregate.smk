@@ -48,19 +48,19 @@ rule aggregate_results:
             category="{experiment}",
             subcategory="Plots",
         ),
-    params:
-        runs=get_run_dirs,
-        expected_seeds=get_expected_seeds,
     log:
         "results/{experiment}/logs/aggregate_results.log",
     benchmark:
         "results/{experiment}/benchmarks/aggregate_results.tsv"
+    conda:
+        "../envs/dmnsp.yaml"
     threads: 1
     resources:
         mem_mb=job_resource("aggregate_results", "mem_mb"),
         runtime=job_resource("aggregate_results", "runtime"),
-    conda:
-        "../envs/dmnsp.yaml"
+    params:
+        runs=get_run_dirs,
+        expected_seeds=get_expected_seeds,
     shell:
         "python -m dmnsp report-artifacts --runs {params.runs} --tables-dir $(dirname {output.summary_csv})"
         " --plots-dir {output.plots} --expected-seeds {params.expected_seeds} > {log} 2>&1"

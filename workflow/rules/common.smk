@@ -22,6 +22,7 @@ RESOURCE_TABLE = config.get("resources", [])
 RUN = layout.run_dir("{experiment}", "{run}")
 PRETRAINED = layout.pretrain_dir("{pretrain_id}")
 
+
 # Rules call `python -m dmnsp`: make that the interpreter running Snakemake (which has dmnsp),
 # also when Snakemake was started as .venv/bin/snakemake without activating the environment.
 envvars:
@@ -69,7 +70,9 @@ def get_pretrain(wildcards):
     try:
         return PLAN.pretrains[wildcards.pretrain_id]
     except KeyError:
-        raise WorkflowError(f"no pretraining '{wildcards.pretrain_id}' in this config") from None
+        raise WorkflowError(
+            f"no pretraining '{wildcards.pretrain_id}' in this config"
+        ) from None
 
 
 def get_run_dir(wildcards):
@@ -122,7 +125,9 @@ def get_train_task_input(wildcards):
     run = get_run(wildcards)
     task = int(wildcards.task)
     if task >= run.n_tasks:
-        raise WorkflowError(f"run {run.run_dir} has {run.n_tasks} tasks; task {task} does not exist")
+        raise WorkflowError(
+            f"run {run.run_dir} has {run.n_tasks} tasks; task {task} does not exist"
+        )
     run_dir = get_run_dir(wildcards)
     inputs = {"config": layout.run_file(run_dir, layout.CONFIG)}
     if task > 0:
@@ -138,7 +143,9 @@ def get_metrics_input(wildcards):
     run_dir = get_run_dir(wildcards)
     return {
         "config": layout.run_file(run_dir, layout.CONFIG),
-        "evals": [layout.task_file(run_dir, t, layout.EVAL) for t in range(run.n_tasks)],
+        "evals": [
+            layout.task_file(run_dir, t, layout.EVAL) for t in range(run.n_tasks)
+        ],
     }
 
 
@@ -147,7 +154,9 @@ def get_experiment_metrics(wildcards):
     try:
         runs = PLAN.experiments[wildcards.experiment]
     except KeyError:
-        raise WorkflowError(f"no experiment '{wildcards.experiment}' in this config") from None
+        raise WorkflowError(
+            f"no experiment '{wildcards.experiment}' in this config"
+        ) from None
     return [layout.run_file(run.run_dir, layout.METRICS) for run in runs]
 
 
@@ -167,13 +176,21 @@ def _job_resources(rule_name, key):
     """Resources of one job, keyed by (rule_name, experiment, run) or (rule_name, pretrain id)."""
     if rule_name == "pretrain_model":
         spec = PLAN.pretrains[key[0]]
-        dataset, model, own_threads = spec.dataset, spec.model_name, spec.settings.get("threads")
+        dataset, model, own_threads = (
+            spec.dataset,
+            spec.model_name,
+            spec.settings.get("threads"),
+        )
     elif rule_name == "aggregate_results":
         first = PLAN.experiments[key[0]][0]
         dataset, model, own_threads = first.dataset, first.model_name, None
     else:
         run = PLAN.run(*key)
-        dataset, model, own_threads = run.dataset, run.model_name, run.settings.get("threads")
+        dataset, model, own_threads = (
+            run.dataset,
+            run.model_name,
+            run.settings.get("threads"),
+        )
     out = resources_for(RESOURCE_TABLE, rule_name, dataset, model)
     if rule_name in ("pretrain_model", "train_task") and own_threads:
         out["threads"] = own_threads

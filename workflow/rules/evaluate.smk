@@ -11,11 +11,11 @@ rule compute_metrics:
         f"{RUN}/logs/compute_metrics.log",
     benchmark:
         f"{RUN}/benchmarks/compute_metrics.tsv"
+    conda:
+        "../envs/dmnsp.yaml"
     threads: 1
     resources:
         mem_mb=job_resource("compute_metrics", "mem_mb"),
         runtime=job_resource("compute_metrics", "runtime"),
-    conda:
-        "../envs/dmnsp.yaml"
     shell:
         "python -m dmnsp metrics --run-dir $(dirname {output.metrics}) > {log} 2>&1"

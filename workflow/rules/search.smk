@@ -37,19 +37,19 @@ rule search_create_study:
     output:
         spec=f"{SEARCH_DIR}/spec.yaml",
         study=f"{SEARCH_DIR}/study.json",
-    params:
-        spec=cli_json(SEARCH.spec),
     log:
         f"{SEARCH_DIR}/logs/create_study.log",
     benchmark:
         f"{SEARCH_DIR}/benchmarks/create_study.tsv"
     priority: 10
+    conda:
+        "../envs/dmnsp.yaml"
     threads: 1
     resources:
         mem_mb=1000,
         runtime=10,
-    conda:
-        "../envs/dmnsp.yaml"
+    params:
+        spec=cli_json(SEARCH.spec),
     shell:
         "python -m dmnsp search-create --spec-json {params.spec} --out-spec {output.spec} --out {output.study}"
         " > {log} 2>&1"
@@ -69,13 +69,13 @@ rule search_worker:
     wildcard_constraints:
         worker=r"[0-9]+",
     priority: 10  # before other ready jobs, so that the workers run side by side
+    conda:
+        "../envs/dmnsp.yaml"
     threads: SEARCH.resources["threads"]
     resources:
         mem_mb=SEARCH.resources["mem_mb"],
         runtime=SEARCH.resources["runtime"],
         gpu=SEARCH.resources["gpu"],
-    conda:
-        "../envs/dmnsp.yaml"
     shell:
         "OMP_NUM_THREADS={threads} python -m dmnsp search-worker --quiet --spec {input.spec}"
         " --worker {wildcards.worker} --out {output} > {log} 2>&1"
@@ -84,7 +84,9 @@ rule search_worker:
 rule search_export:
     input:
         spec=f"{SEARCH_DIR}/spec.yaml",
-        workers=expand(f"{SEARCH_DIR}/workers/worker{{worker}}.json", worker=SEARCH.workers),
+        workers=expand(
+            f"{SEARCH_DIR}/workers/worker{{worker}}.json", worker=SEARCH.workers
+        ),
     output:
         best=report(
             f"{SEARCH_DIR}/best_params.yaml",
@@ -132,12 +134,12 @@ rule search_export:
         f"{SEARCH_DIR}/logs/export.log",
     benchmark:
         f"{SEARCH_DIR}/benchmarks/export.tsv"
+    conda:
+        "../envs/dmnsp.yaml"
     threads: 1
     resources:
         mem_mb=2000,
         runtime=15,
-    conda:
-        "../envs/dmnsp.yaml"
     shell:
         "python -m dmnsp search-export --spec {input.spec} --out-dir $(dirname {output.best}) > {log} 2>&1"
 
@@ -148,9 +150,6 @@ rule search_prepare_run:
     output:
         config=layout.run_file(RUN, layout.CONFIG),
         info=layout.run_file(RUN, layout.RUN_INFO),
-    params:
-        settings=lambda wildcards: cli_json(get_run(wildcards).settings),
-        label=get_run_label,
     log:
         f"{RUN}/logs/prepare_run.log",
     benchmark:
@@ -158,12 +157,15 @@ rule search_prepare_run:
     wildcard_constraints:
         experiment=re.escape(SEARCH.experiment),
         run=r"dataset~[^/]+/split~[^/]+/method~[^/]+/search~best/seed~[^/]+",
+    conda:
+        "../envs/dmnsp.yaml"
     threads: 1
     resources:
         mem_mb=1000,
         runtime=5,
-    conda:
-        "../envs/dmnsp.yaml"
+    params:
+        settings=lambda wildcards: cli_json(get_run(wildcards).settings),
+        label=get_run_label,
     shell:
         "python -m dmnsp search-prepare-run --best {input.best} --settings-json {params.settings}"
         " --experiment {wildcards.experiment} --label {params.label} --out-dir $(dirname {output.config})"

@@ -5,20 +5,20 @@ rule prepare_run:
     output:
         config=layout.run_file(RUN, layout.CONFIG),
         info=layout.run_file(RUN, layout.RUN_INFO),
-    params:
-        settings=get_run_settings,
-        swept=get_run_swept,
-        label=get_run_label,
     log:
         f"{RUN}/logs/prepare_run.log",
     benchmark:
         f"{RUN}/benchmarks/prepare_run.tsv"
+    conda:
+        "../envs/dmnsp.yaml"
     threads: 1
     resources:
         mem_mb=job_resource("prepare_run", "mem_mb"),
         runtime=job_resource("prepare_run", "runtime"),
-    conda:
-        "../envs/dmnsp.yaml"
+    params:
+        settings=get_run_settings,
+        swept=get_run_swept,
+        label=get_run_label,
     shell:
         "python -m dmnsp prepare-run --settings-json {params.settings} {params.swept}"
         " --experiment {wildcards.experiment} --label {params.label}"
@@ -30,19 +30,19 @@ rule pretrain_model:
         model=layout.pretrained_model("{pretrain_id}"),
         info=f"{PRETRAINED}/model.json",
         config=layout.run_file(PRETRAINED, layout.CONFIG),
-    params:
-        settings=get_pretrain_settings,
     log:
         f"{PRETRAINED}/logs/pretrain_model.log",
     benchmark:
         f"{PRETRAINED}/benchmarks/pretrain_model.tsv"
+    conda:
+        "../envs/dmnsp.yaml"
     threads: job_resource("pretrain_model", "threads")
     resources:
         mem_mb=job_resource("pretrain_model", "mem_mb"),
         runtime=job_resource("pretrain_model", "runtime"),
         gpu=job_resource("pretrain_model", "gpu"),
-    conda:
-        "../envs/dmnsp.yaml"
+    params:
+        settings=get_pretrain_settings,
     shell:
         "(python -m dmnsp prepare-run --settings-json {params.settings}"
         " --experiment pretrained --label {wildcards.pretrain_id} --out-dir $(dirname {output.config})"
@@ -57,19 +57,19 @@ rule train_task:
         checkpoint=checkpoint_output(layout.task_file(RUN, "{task}", layout.CHECKPOINT)),
         eval=layout.task_file(RUN, "{task}", layout.EVAL),
         diagnostics=layout.task_file(RUN, "{task}", layout.DIAGNOSTICS),
-    params:
-        resume=get_resume_option,
     log:
         f"{RUN}/logs/train_task{{task}}.log",
     benchmark:
         f"{RUN}/benchmarks/train_task{{task}}.tsv"
+    conda:
+        "../envs/dmnsp.yaml"
     threads: job_resource("train_task", "threads")
     resources:
         mem_mb=job_resource("train_task", "mem_mb"),
         runtime=job_resource("train_task", "runtime"),
         gpu=job_resource("train_task", "gpu"),
-    conda:
-        "../envs/dmnsp.yaml"
+    params:
+        resume=get_resume_option,
     shell:
         "OMP_NUM_THREADS={threads} python -m dmnsp train-task --quiet --config {input.config} --task {wildcards.task}"
         " {params.resume} --out-dir $(dirname {output.eval}) > {log} 2>&1"
