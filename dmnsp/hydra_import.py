@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from . import methods
 from .config import ConfigError, read_yaml_file, validate
 
 # Keys that only say where the reference code writes logs or how Hydra runs: dmnsp's workflow
@@ -45,7 +46,8 @@ INTEGER_KEYS = frozenset({"initial_increment", "increment", "batch_size", "epoch
 # Reference settings that dmnsp supports only at one value.
 REQUIRED_VALUES = {"scenario": ("class",), "l2": (0, 0.0), "ce_method": (0, 0.0)}
 
-METHODS = {"dmnsp": "dmnsp", "zeroshot": "zeroshot", "zero_shot": "zeroshot", "finetune": "finetune"}
+# Every registered method by its name, plus the reference code's other spellings.
+METHODS = {**{name: name for name in methods.names()}, "zero_shot": "zeroshot"}
 DATASETS = {
     "cifar100": "cifar100",
     "tinyimagenet": "tinyimagenet",

@@ -126,3 +126,11 @@ def test_the_planner_imports_no_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "[]"
+
+
+def test_hydra_import_knows_every_registered_method():
+    from dmnsp.hydra_import import convert_hydra_config
+
+    for name in methods.names():
+        assert convert_hydra_config({"method": name.upper()})["methods"] == [name]
+    assert convert_hydra_config({"method": "zero_shot"})["methods"] == ["zeroshot"]
