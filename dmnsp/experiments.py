@@ -488,6 +488,9 @@ def _expand(name: str, spec: Mapping, shared: Mapping) -> tuple[list[RunSpec], d
     points = _points(spec, grid)
     variants = _variants(spec, method_names, {k for point in points for k in point})
     fixed = {k: v for k, v in base.items() if k not in AXES.values() and k not in SPLIT_KEYS}
+    # Every shared key is checked, also one that only methods outside this experiment read (such a
+    # key is dropped from the runs of methods that ignore it, but a malformed value is still a mistake).
+    _validated(fixed)
     pretrain_first = bool(spec.get("pretrain_first", False))
     num_classes = spec.get("num_classes")
 
