@@ -435,10 +435,12 @@ def kill_one_worker_mid_trial(tmp: Path, storage: str) -> None:
         deadline = time.monotonic() + 60
         while killed is None and time.monotonic() < deadline:
             trials = study.get_trials(deepcopy=False)
-            running = [  # the victim's trial, once it has drawn its parameters
+            running = [  # the victim's trial, once it has drawn all its parameters (not just the first)
                 t
                 for t in trials
-                if t.state == TrialState.RUNNING and t.user_attrs.get("pid") == victim.pid and t.params
+                if t.state == TrialState.RUNNING
+                and t.user_attrs.get("pid") == victim.pid
+                and set(t.params) == set(spec["space"])
             ]
             done = [t for t in trials if t.state == TrialState.COMPLETE]
             if running and len(done) >= 2:
