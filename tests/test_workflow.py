@@ -106,7 +106,7 @@ def test_miniature_config_plans():
 @pytest.mark.parametrize("path", PAPER, ids=[p.stem for p in PAPER])
 def test_paper_configs_plan_the_full_dag_offline(path):
     counts, elapsed = dry_run(path)
-    runs = 3 * (3 + 5)  # 3 seeds × (zeroshot, finetune, dmnsp and the 5 ablations)
+    runs = 3 * (4 + 5)  # 3 seeds × (zeroshot, finetune, lwf, dmnsp and the 5 ablations)
     assert counts == {
         "prepare_run": runs,
         "train_task": runs * N_TASKS[path.stem],
