@@ -66,7 +66,7 @@ _CONFIG_KEYS = (
     "lr",
     "epochs",
 )
-_PROJECTION_KEYS = ("mode", "towers", "layers", "lambda", "basis", "energy_threshold")
+_PROJECTION_KEYS = ("mode", "towers", "layers", "lambda", "basis", "energy_threshold", "eig")
 #: Settings read from every run (more come from ``run.json``'s ``settings``): grouping keys of the summary.
 BASE_SETTINGS = (
     "experiment",
@@ -122,6 +122,8 @@ def _resolved_projection(config: Mapping[str, Any]) -> dict[str, Any]:
     proj.setdefault("layers", "multi")
     proj.setdefault("lambda", "dynamic")
     proj.setdefault("energy_threshold", None)
+    if proj.get("eig") is None:
+        proj["eig"] = "eigh" if mode == "clean" else "svd"
     return proj
 
 
@@ -150,6 +152,14 @@ def derive_label(config: Mapping[str, Any]) -> str:
             parts.append(f"basis={proj['basis']}")
         if proj["energy_threshold"] is not None:
             parts.append(f"energy={proj['energy_threshold']:g}")
+        if proj["eig"] != ("eigh" if proj["mode"] == "clean" else "svd"):
+            parts.append(f"eig={proj['eig']}")
+    numerics = (config.get("optimizer") or {}).get("numerics")
+    if method != "zeroshot" and numerics not in (
+        None,
+        "cuda-foreach" if proj["mode"] == "faithful" else "torch",
+    ):
+        parts.append(f"numerics={numerics}")
     return f"{method} ({', '.join(parts)})" if parts else method
 
 

@@ -169,6 +169,11 @@ def _resolve(cfg: dict) -> dict:
         proj["basis"] = "concat" if proj["mode"] == "faithful" else "orthonormal"
     if proj["target"] is None:
         proj["target"] = "gradient" if proj["mode"] == "faithful" else "update"
+    faithful = proj["mode"] == "faithful"
+    if proj["eig"] is None:  # the reference's SVD; clean mode takes the deterministic eigh
+        proj["eig"] = "svd" if faithful else "eigh"
+    if cfg["optimizer"]["numerics"] is None:  # the reference ran torch's foreach AdamW on a GPU
+        cfg["optimizer"]["numerics"] = "cuda-foreach" if faithful else "torch"
     if proj["energy_threshold"] is not None and proj["basis"] != "orthonormal":
         raise ConfigError("'projection.energy_threshold' needs projection.basis: orthonormal")
     if cfg["eval_transform"] is None:

@@ -40,6 +40,10 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "lambda-fixed": {"projection.lambda": "fixed"},
     "basis-orthonormal": {"projection.basis": "orthonormal"},
     "mode-clean": {"projection.mode": "clean"},
+    # Numerics switches (not in the paper): how much of the result is float32 overflow, and how
+    # much the solver's arbitrary null-space basis matters (config/README.md).
+    "numerics-cpu": {"optimizer.numerics": "cpu"},
+    "eig-eigh": {"projection.eig": "eigh"},
 }
 
 # Run keys only training reads (zeroshot never trains) and keys only the projection reads
@@ -57,6 +61,7 @@ TRAINING_KEYS = frozenset(
         "adapter_dim",
         "adapter_scale",
         "adapter_dropout",
+        "optimizer.numerics",
     }
 )
 PROJECTION_KEYS = frozenset({"TOP_SELECT", "TOP_K_RATIO", "LAMBDA_SCALE"})

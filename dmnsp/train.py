@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from . import nullspace as ns
 from .adapters import TOWERS, adapters, recorded_outputs, set_recording
 from .model import clip_logits, encode_image, encode_text
+from .optim import make_optimizer
 
 
 class NonFiniteError(FloatingPointError):
@@ -120,7 +121,7 @@ def build_plan(
         if proj["lambda"] == "fixed":
             lam = ns.fixed_lambda(len(vs), cfg["LAMBDA_SCALE"])
         else:
-            u_top = [ns.top_directions(ns.gram(a), cfg["TOP_SELECT"]) for a in current[tower]]
+            u_top = [ns.top_directions(ns.gram(a), cfg["TOP_SELECT"], proj["eig"]) for a in current[tower]]
             lam = ns.dynamic_lambda(u_top, vs, cfg["TOP_K_RATIO"], cfg["LAMBDA_SCALE"])
         plan.lambdas[tower] = lam.cpu()
         plan.ops[tower] = ns.composite_operators(vs, proj["layers"])
@@ -140,7 +141,7 @@ def update_bases(
         for v, a in zip(prev, acts, strict=True):
             c = ns.gram(a)
             if proj["basis"] == "concat":
-                new.append(ns.concat_basis(v, c, cfg["TOP_SELECT"]))
+                new.append(ns.concat_basis(v, c, cfg["TOP_SELECT"], proj["eig"]))
             else:
                 new.append(ns.orthonormal_basis(v, c, cfg["TOP_SELECT"], proj["energy_threshold"])[0])
         out[tower] = new
@@ -234,9 +235,7 @@ def train_task(
         name: [p.detach().clone() for p in ps]
         for name, ps in (("visual", visual_params), ("text", text_params))
     }
-    optimizer = torch.optim.AdamW(
-        params, lr=cfg["lr"], weight_decay=cfg["weight_decay"], betas=(0.9, 0.999), eps=1e-8
-    )
+    optimizer = make_optimizer(params, cfg)
     total = cfg["epochs"] * len(loader)
     n_steps = total + 1 if cfg["max_steps"] is None else min(total + 1, cfg["max_steps"])
     use_proj = bool(towers) and task > 0 and all(bases.get(t) for t in towers)
@@ -319,6 +318,8 @@ def train_task(
         "lambda_text": plan.lambdas["text"].tolist() if plan and "text" in plan.lambdas else None,
         "lambda_factor_visual": plan.factors["visual"] if plan and "visual" in plan.factors else None,
         "basis_columns": {t: [int(v.shape[1]) for v in vs] for t, vs in new_bases.items()},
+        "numerics": cfg["optimizer"]["numerics"],
+        "eig": cfg["projection"]["eig"],
         "inf_fraction_exp_avg_sq": {
             "visual": inf_fraction(optimizer, visual_params),
             "text": inf_fraction(optimizer, text_params),
