@@ -24,6 +24,11 @@ not) is corrected with the sum's exact error (TwoSum). Scalars enter as float32 
 parameter's device, as the kernels cast them to their float32 ``opmath`` type, and every step is a
 separate, correctly rounded float32 op, so the result does not depend on the device's own
 scalar paths (CUDA divides by a CPU scalar through its reciprocal, for instance).
+
+:func:`make_optimizer` runs torch's own AdamW where the device's kernels already are the chosen
+order (``cuda-foreach`` on CUDA, ``cpu`` on CPU) and this emulation elsewhere; tests/test_optim.py
+checks the emulation bit for bit against torch on CPU, and against torch's CUDA kernels where a GPU
+is present.
 """
 
 from __future__ import annotations
@@ -210,11 +215,25 @@ class AdamW(torch.optim.Optimizer):
 def make_optimizer(params: Iterable[Tensor], cfg: Mapping) -> torch.optim.Optimizer:
     """The per-task AdamW of a run config: ``optimizer.numerics`` picks the arithmetic order.
 
-    ``torch`` gives ``torch.optim.AdamW`` with torch's own choice for the device (foreach on CUDA,
-    the single-tensor loop on CPU); ``cuda-foreach`` and ``cpu`` give :class:`AdamW`.
+    ``torch``: ``torch.optim.AdamW`` with torch's own choice for the device. ``cuda-foreach`` /
+    ``cpu``: where the device's own torch kernels are that order (foreach AdamW on CUDA tensors,
+    the single-tensor loop on CPU tensors) those run, since they are the order by definition;
+    elsewhere :class:`AdamW` emulates it.
     """
+    params = list(params)
     numerics = cfg["optimizer"]["numerics"]
     kwargs = dict(lr=cfg["lr"], betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg["weight_decay"])
     if numerics == "torch":
         return torch.optim.AdamW(params, **kwargs)
+    native = {"cuda-foreach": "cuda", "cpu": "cpu"}[numerics]
+    if params and all(p.device.type == native for p in params):
+        return torch.optim.AdamW(params, foreach=native == "cuda", **kwargs)
     return AdamW(params, numerics=numerics, **kwargs)
+
+
+def describe(optimizer: torch.optim.Optimizer) -> str:
+    """Which implementation and order an optimizer runs, for diagnostics."""
+    group = optimizer.param_groups[0] if optimizer.param_groups else {}
+    if isinstance(optimizer, AdamW):
+        return f"dmnsp.optim.AdamW(numerics={group.get('numerics')})"
+    return f"{type(optimizer).__module__}.{type(optimizer).__name__}(foreach={group.get('foreach')})"

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from . import nullspace as ns
 from .adapters import TOWERS, adapters, recorded_outputs, set_recording
 from .model import clip_logits, encode_image, encode_text
-from .optim import make_optimizer
+from .optim import describe, make_optimizer
 
 
 class NonFiniteError(FloatingPointError):
@@ -319,6 +319,7 @@ def train_task(
         "lambda_factor_visual": plan.factors["visual"] if plan and "visual" in plan.factors else None,
         "basis_columns": {t: [int(v.shape[1]) for v in vs] for t, vs in new_bases.items()},
         "numerics": cfg["optimizer"]["numerics"],
+        "optimizer": describe(optimizer),
         "eig": cfg["projection"]["eig"],
         "inf_fraction_exp_avg_sq": {
             "visual": inf_fraction(optimizer, visual_params),

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from dmnsp.config import validate
-from dmnsp.optim import AdamW, fma32, make_optimizer
+from dmnsp.optim import AdamW, describe, fma32, make_optimizer
 
 FLT_MAX = float(np.finfo(np.float32).max)
 needs_cuda = pytest.mark.skipif(
@@ -207,8 +207,12 @@ def test_make_optimizer_follows_the_config():
     clean = validate({"projection": {"mode": "clean"}})
     assert clean["optimizer"]["numerics"] == "torch"
     assert type(make_optimizer(params, clean)) is torch.optim.AdamW
+    # Where the device's own torch kernels are the order, they run: torch's loop on CPU tensors.
     cpu = validate({"optimizer": {"numerics": "cpu"}})
-    assert make_optimizer(params, cpu).param_groups[0]["numerics"] == "cpu"
+    native = make_optimizer(params, cpu)
+    assert type(native) is torch.optim.AdamW and native.param_groups[0]["foreach"] is False
+    assert describe(native) == "torch.optim.adamw.AdamW(foreach=False)"
+    assert describe(opt) == "dmnsp.optim.AdamW(numerics=cuda-foreach)"
     with pytest.raises(ValueError, match="numerics must be"):
         AdamW(params, numerics="gpu")
     with pytest.raises(TypeError, match="float32"):
@@ -278,3 +282,13 @@ def test_torch_single_tensor_adamw_on_cuda_also_squares_first():
     p.grad = _f32(*GRADS).cuda()
     opt.step()
     assert torch.isinf(opt.state[p]["exp_avg_sq"]).cpu().tolist() == FIRST_STEP_INF["cuda-foreach"]
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_make_optimizer_on_cuda_runs_torch_foreach_for_the_cuda_order_and_emulates_cpu():
+    params = [torch.zeros(3, device="cuda", requires_grad=True)]
+    faithful = make_optimizer(params, validate({}))
+    assert type(faithful) is torch.optim.AdamW and faithful.param_groups[0]["foreach"] is True
+    cpu = make_optimizer(params, validate({"optimizer": {"numerics": "cpu"}}))
+    assert isinstance(cpu, AdamW) and cpu.param_groups[0]["numerics"] == "cpu"

@@ -34,7 +34,10 @@ from dmnsp.adapters import Adapter
 from dmnsp.checkpoint import TaskState
 from dmnsp.runner import Session
 
-N_TASKS = 4  # the 4th task (t = 3) has 3 concatenated blocks: gradients past 1e19
+# Three tasks: t = 2 projects through two concatenated blocks. LAMBDA_SCALE 60 (not 30) makes the
+# projected gradients pass 1e19 (where the CUDA and CPU orders part) already at t = 1 and 2.
+N_TASKS = 3
+LAMBDA_SCALE = 60.0
 L = 12
 
 
@@ -155,7 +158,8 @@ def _run(cfg: dict, data, tasks: int) -> tuple[list[dict], list[TaskState], list
 def faithful(fake_data):
     from conftest import tiny_config
 
-    cfg = tiny_config(method="dmnsp")  # faithful defaults: concat, multi, dynamic, svd, cuda-foreach
+    # faithful defaults: concat basis, multi-layer, dynamic lambda, svd, cuda-foreach AdamW
+    cfg = tiny_config(method="dmnsp", LAMBDA_SCALE=LAMBDA_SCALE)
     records, states, diags, session = _run(cfg, fake_data, N_TASKS)
     return {"cfg": cfg, "records": records, "states": states, "diags": diags, "session": session}
 
