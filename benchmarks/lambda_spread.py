@@ -41,14 +41,14 @@ def null_rank(c: torch.Tensor) -> int:
     return int((ev > 1e-6 * ev.max()).sum())
 
 
-_CACHE: dict[int, tuple[torch.Tensor, int]] = {}
+_CACHE: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = {}  # id → (the Gram itself, U, rank)
 
 
 def random_valid_u(c: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Left singular vectors of ``c`` with random signs and a random basis of the null space."""
-    if id(c) not in _CACHE:
-        _CACHE[id(c)] = (ns.left_singular(c, "eigh"), null_rank(c))
-    u, k = _CACHE[id(c)]
+    if id(c) not in _CACHE or _CACHE[id(c)][0] is not c:
+        _CACHE[id(c)] = (c, ns.left_singular(c, "eigh"), null_rank(c))
+    _, u, k = _CACHE[id(c)]
     signs = torch.where(torch.rand(k, generator=gen) < 0.5, -1.0, 1.0)
     q, r = torch.linalg.qr(torch.randn(u.shape[0] - k, u.shape[0] - k, generator=gen))
     q = q * torch.sign(torch.diagonal(r))  # Haar-distributed
