@@ -65,7 +65,7 @@ _CONFIG_KEYS = (
     "lr",
     "epochs",
 )
-_PROJECTION_KEYS = ("mode", "towers", "layers", "lambda", "basis", "energy_threshold")
+_PROJECTION_KEYS = ("mode", "towers", "layers", "lambda", "basis", "energy_threshold", "eig")
 #: Settings read from every run (more come from ``run.json``'s ``settings``): grouping keys of the summary.
 BASE_SETTINGS = (
     "experiment",

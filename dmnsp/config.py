@@ -168,6 +168,8 @@ def _resolve(cfg: dict) -> dict:
     for key, value in MODE_DEFAULTS[proj["mode"]].items():
         if proj[key] is None:
             proj[key] = value
+    if cfg["optimizer"]["numerics"] is None:  # the reference ran torch's foreach AdamW on a GPU
+        cfg["optimizer"]["numerics"] = methods.NUMERICS_BY_MODE[proj["mode"]]
     if proj["energy_threshold"] is not None and proj["basis"] != "orthonormal":
         raise ConfigError("'projection.energy_threshold' needs projection.basis: orthonormal")
     if cfg["eval_transform"] is None:

@@ -168,6 +168,8 @@ def write_run_info(
             "dmnsp_version": __version__,
             "git_revision": _git_revision(),
             "config_hash": config_hash(cfg),
+            # The arithmetic that decides faithful DMNSP's float32 overflow (method.md section 6).
+            "numerics": {"optimizer": cfg["optimizer"]["numerics"], "eig": cfg["projection"]["eig"]},
         },
     )
 

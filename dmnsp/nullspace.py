@@ -19,14 +19,26 @@ def gram(activations: torch.Tensor) -> torch.Tensor:
     return a.t() @ a
 
 
-def left_singular(c: torch.Tensor) -> torch.Tensor:
+#: Solvers for the left singular vectors of a Gram matrix (``projection.eig``).
+EIG_SOLVERS = ("svd", "eigh")
+
+
+def left_singular(c: torch.Tensor, eig: str = "svd") -> torch.Tensor:
     """Left singular vectors of a Gram matrix ``c`` (columns, descending singular values).
 
-    ``c`` is symmetric positive semi-definite, so these are its eigenvectors: ``eigh`` finds them
-    2.5x faster than ``svd``. Singular vectors have no intrinsic sign (LAPACK, cuSOLVER and the
-    reference's GPU SVD each pick their own); here each column's largest-magnitude entry is made
-    positive, so the signed cosines of the dynamic coefficient are the same on every machine.
+    ``svd``: ``U`` of ``torch.linalg.svd(c)`` on ``c``'s device, the reference's call. ``eigh``:
+    the eigenvectors of the symmetric ``c`` (faster), each column's largest-magnitude entry made
+    positive. Neither is unique: singular vectors have no intrinsic sign, and a Gram matrix of
+    adapter outputs has rank at most r + 1, so all but r + 1 columns span a null space in which
+    any orthonormal basis is as valid as another. Which one comes out depends on the solver, the
+    LAPACK / cuSOLVER build and rounding; the signed cosines of the dynamic coefficient, and so
+    lambda, depend on it (config/README.md gives the measured spread). Sign pinning makes
+    ``eigh`` repeatable for one build, not machine-independent.
     """
+    if eig == "svd":
+        return torch.linalg.svd(c)[0]
+    if eig != "eigh":
+        raise ValueError(f"eig must be one of {EIG_SOLVERS}, got {eig!r}")
     _, vecs = torch.linalg.eigh(c)
     vecs = vecs.flip(-1)
     pivots = vecs.abs().argmax(dim=0)
@@ -34,9 +46,11 @@ def left_singular(c: torch.Tensor) -> torch.Tensor:
     return vecs * torch.where(signs == 0, torch.ones_like(signs), signs)
 
 
-def concat_basis(previous: torch.Tensor | None, c: torch.Tensor, top_select: int) -> torch.Tensor:
+def concat_basis(
+    previous: torch.Tensor | None, c: torch.Tensor, top_select: int, eig: str = "svd"
+) -> torch.Tensor:
     """Faithful update: append ``U[:, top_select:]`` of this task's Gram matrix to the basis."""
-    block = left_singular(c)[:, top_select:]
+    block = left_singular(c, eig)[:, top_select:]
     return block if previous is None else torch.cat([previous, block], dim=1)
 
 
@@ -77,9 +91,9 @@ def orthonormal_basis(
     return v @ evecs[:, k:], k
 
 
-def top_directions(c: torch.Tensor, top_select: int) -> torch.Tensor:
+def top_directions(c: torch.Tensor, top_select: int, eig: str = "svd") -> torch.Tensor:
     """``u``: the ``top_select`` leading left singular vectors of ``c`` (D × top_select)."""
-    return left_singular(c)[:, :top_select]
+    return left_singular(c, eig)[:, :top_select]
 
 
 def _top_m(ncols: int, top_k_ratio: float) -> int:
@@ -97,8 +111,14 @@ def dynamic_lambda(
     """``lambda[j][k] = LAMBDA_SCALE * exp(-mean of the top-m cosines between u_j and V_k's columns)``.
 
     One matmul per layer k replaces the reference's Python loop over columns (same numbers).
-    With several directions per layer (TOP_SELECT > 1, where the reference crashes) each
-    direction's top-m mean is taken and the means are averaged.
+
+    TOP_SELECT = s > 1 is this project's extension (the reference crashes: its ``torch.dot`` gets
+    the D × s matrix ``u_j``). Its definition: with ``u_j[:, i]`` the i-th leading direction and
+    ``m = max(1, int(TOP_K_RATIO * n_k))``, ``mean_i`` is the mean of the m largest signed cosines
+    between ``u_j[:, i]`` and the normalised columns of ``V_k``, and
+    ``lambda[j][k] = LAMBDA_SCALE * exp(-(mean_1 + ... + mean_s) / s)``: one top-m mean per
+    direction, averaged. For s = 1 this is the reference's formula. (The ``max(1, ...)`` is also
+    an extension: with fewer than 1 / TOP_K_RATIO columns the reference averages nothing, NaN.)
 
     Args:
         u_top: per layer j, D × s leading directions of the current batch.

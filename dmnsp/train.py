@@ -19,6 +19,7 @@ from .adapters import adapters
 from .loaders import cycle, derive_seed, make_loader
 from .methods import Method, MethodState, TaskContext
 from .model import clip_logits, encode_image, encode_text, prompts
+from .optim import describe, make_optimizer
 
 __all__ = ["NonFiniteError", "derive_seed", "lr_at", "inf_fraction", "peak_memory_mb", "train_task"]
 
@@ -172,9 +173,7 @@ def train_task(
     params = [p for p in model.parameters() if p.requires_grad]
     towers = {name: [p for a in adapters(model, name) for p in a.parameters()] for name in ("visual", "text")}
     before = {name: [p.detach().clone() for p in ps] for name, ps in towers.items()}
-    optimizer = torch.optim.AdamW(
-        params, lr=cfg["lr"], weight_decay=cfg["weight_decay"], betas=(0.9, 0.999), eps=1e-8
-    )
+    optimizer = make_optimizer(params, cfg)
     amp = cfg["precision"] == "amp_bf16"
     ctx = TaskContext(
         model, tokenizer, train_set, cfg, task, state, device, tokens, previous_class_names, amp
@@ -186,6 +185,9 @@ def train_task(
         "task": task,
         "steps": len(losses),
         **method_diagnostics,
+        "numerics": cfg["optimizer"]["numerics"],
+        "optimizer": describe(optimizer),
+        "eig": cfg["projection"]["eig"],
         "inf_fraction_exp_avg_sq": {name: inf_fraction(optimizer, ps) for name, ps in towers.items()},
         "update_norm": _update_norms(towers, before),
         "loss": _loss_summary(losses),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -14,7 +15,8 @@ from fakes import make_fake_splits  # noqa: E402
 
 from dmnsp.config import validate  # noqa: E402
 
-torch.set_num_threads(2)
+# Two threads (the CI machine's cores); .ci/mutants runs two test processes at once with one each.
+torch.set_num_threads(int(os.environ.get("DMNSP_TEST_THREADS", "2")))
 
 
 def tiny_config(**overrides) -> dict:

@@ -54,6 +54,9 @@ def test_run_prints_per_task_accuracy_and_writes_outputs(run_config, tmp_path, c
     assert metrics["complete"] and 0 <= metrics["last"] <= 1
     diag = json.loads((tmp_path / "r" / "task1" / "diagnostics.json").read_text())
     assert len(diag["lambda"]) == 12 and diag["basis_columns"]["visual"] == [126] * 12
+    # Which arithmetic ran: the faithful defaults, emulated on this CPU.
+    assert (diag["numerics"], diag["eig"]) == ("cuda-foreach", "svd")
+    assert diag["optimizer"] == "dmnsp.optim.AdamW(numerics=cuda-foreach)"
 
 
 def test_train_task_chain_and_resume_errors(run_config, tmp_path, capsys):
@@ -170,3 +173,17 @@ def test_help_on_every_command(capsys):
             main([cmd, "--help"])
         assert exc.value.code == 0
     assert "dmnsp-tiny" in (main(["list-models", "--offline"]) == 0 and capsys.readouterr().out)
+
+
+def test_prepare_run_records_the_numerics_in_run_json(tmp_path):
+    out = tmp_path / "run"
+    args = ["prepare-run", "--experiment", "e", "--out-dir", str(out), "--set", "optimizer.numerics=cpu"]
+    assert main(args) == 0
+    info = json.loads((out / "run.json").read_text())
+    assert info["numerics"] == {"optimizer": "cpu", "eig": "svd"}
+    assert info["settings"] == {"optimizer.numerics": "cpu"}
+    assert (
+        main(["prepare-run", "--experiment", "e", "--out-dir", str(out), "--set", "projection.mode=clean"])
+        == 0
+    )
+    assert json.loads((out / "run.json").read_text())["numerics"] == {"optimizer": "torch", "eig": "eigh"}

@@ -182,6 +182,23 @@ def test_ablations_are_dmnsp_variants_with_their_switch():
     assert by_id["dataset~fashion-mnist/split~2-2/method~dmnsp/seed~0"].label == "dmnsp"
     clean = by_id["dataset~fashion-mnist/split~2-2/method~dmnsp/ablation~mode-clean/seed~0"]
     assert clean.settings["projection.mode"] == "clean"
+    cpu = by_id["dataset~fashion-mnist/split~2-2/method~dmnsp/ablation~numerics-cpu/seed~0"]
+    assert cpu.settings["optimizer.numerics"] == "cpu" and cpu.label == "dmnsp (numerics=cpu)"
+    eig = by_id["dataset~fashion-mnist/split~2-2/method~dmnsp/ablation~eig-eigh/seed~0"]
+    assert eig.settings["projection.eig"] == "eigh" and eig.label == "dmnsp (eig=eigh)"
+
+
+def test_numerics_switches_resolve_with_the_mode_and_name_themselves_in_labels():
+    from dmnsp.config import validate
+    from dmnsp.methods import run_label as derive_label
+
+    faithful, clean = validate({}), validate({"projection": {"mode": "clean"}})
+    assert (faithful["optimizer"]["numerics"], faithful["projection"]["eig"]) == ("cuda-foreach", "svd")
+    assert (clean["optimizer"]["numerics"], clean["projection"]["eig"]) == ("torch", "eigh")
+    assert derive_label(faithful) == "dmnsp" and derive_label(clean) == "dmnsp (mode=clean)"
+    cpu = validate({"optimizer": {"numerics": "cpu"}, "projection": {"eig": "eigh"}})
+    assert derive_label(cpu) == "dmnsp (eig=eigh, numerics=cpu)"
+    assert derive_label(validate({"method": "zeroshot", "optimizer": {"numerics": "cpu"}})) == "zeroshot"
 
 
 def test_axes_split_and_task_counts():

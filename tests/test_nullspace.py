@@ -142,12 +142,30 @@ def test_lr_schedule_matches_reference():
     assert math.isfinite(lr_at(40, 20, 1e-3))  # T <= warm-up is guarded
 
 
-def test_left_singular_matches_svd_up_to_sign_and_is_sign_pinned():
+def test_left_singular_svd_is_the_references_call_and_eigh_matches_up_to_sign_pinned():
     c = _random_gram(7)
-    u = ns.left_singular(c)
     ref, _, _ = torch.linalg.svd(c)
+    assert torch.equal(ns.left_singular(c, "svd"), ref)  # faithful: exactly what the reference called
+    assert torch.equal(ns.left_singular(c), ref)  # and the default
+    u = ns.left_singular(c, "eigh")
     assert torch.allclose(u.abs(), ref.abs(), atol=1e-4)  # same vectors (distinct singular values)
     assert torch.allclose(u.t() @ u, torch.eye(D), atol=1e-5)
     pivots = u.abs().argmax(dim=0)
     assert (u[pivots, torch.arange(D)] > 0).all()
-    assert torch.equal(ns.left_singular(c), u)  # deterministic
+    assert torch.equal(ns.left_singular(c, "eigh"), u)  # repeatable
+    with pytest.raises(ValueError, match="eig must be"):
+        ns.left_singular(c, "qr")
+
+
+def test_rank_deficient_gram_has_solver_dependent_null_space_basis():
+    # Adapter outputs live in an (r + 1)-dim subspace: the rest of U is an arbitrary null-space basis.
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(200, 4, generator=g) @ torch.randn(4, D, generator=g)
+    c = ns.gram(a)
+    u_svd, u_eigh = ns.left_singular(c, "svd"), ns.left_singular(c, "eigh")
+    for u in (u_svd, u_eigh):
+        assert torch.allclose(u.t() @ u, torch.eye(D), atol=1e-4)
+        assert (c @ u[:, 4:]).norm() < 1e-3 * c.norm()  # both valid null-space bases
+    # ... spanning the same space, but with different columns.
+    assert torch.allclose(u_svd[:, 4:] @ u_svd[:, 4:].t(), u_eigh[:, 4:] @ u_eigh[:, 4:].t(), atol=1e-4)
+    assert not torch.allclose(u_svd[:, 4:].abs(), u_eigh[:, 4:].abs(), atol=1e-2)

@@ -265,6 +265,10 @@ def test_miniature_workflow_end_to_end(finished_run):
         assert {"experiment", "label", "settings", "dmnsp_version", "git_revision", "config_hash"} <= set(
             info
         )
+        assert info["numerics"]["optimizer"] in ("cuda-foreach", "torch") and info["numerics"]["eig"] in (
+            "svd",
+            "eigh",
+        )
         assert (workdir / run_dir / "config.yaml").is_file()
         assert (workdir / run_dir / "accuracy_matrix.csv").is_file()
         # keep_checkpoints: false → checkpoints are temporary and gone once used.

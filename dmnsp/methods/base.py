@@ -35,8 +35,13 @@ TRAINING_KEYS = frozenset(
         "adapter_dim",
         "adapter_scale",
         "adapter_dropout",
+        "optimizer.numerics",
     }
 )
+
+#: ``optimizer.numerics`` when a config leaves it null: the reference ran torch's foreach AdamW on
+#: a GPU (faithful); clean mode takes torch's own AdamW for the device (method.md section 6).
+NUMERICS_BY_MODE = {"faithful": "cuda-foreach", "clean": "torch"}
 
 #: Method state kept from task to task in the checkpoint: per tower, a list of tensors.
 MethodState = dict[str, list["torch.Tensor"]]

@@ -25,8 +25,8 @@ if TYPE_CHECKING:
 
 #: Projection switches that follow ``projection.mode`` when the config leaves them null.
 MODE_DEFAULTS: dict[str, dict[str, str]] = {
-    "faithful": {"basis": "concat", "target": "gradient"},
-    "clean": {"basis": "orthonormal", "target": "update"},
+    "faithful": {"basis": "concat", "target": "gradient", "eig": "svd"},
+    "clean": {"basis": "orthonormal", "target": "update", "eig": "eigh"},
 }
 
 
@@ -102,7 +102,7 @@ def build_plan(
         if proj["lambda"] == "fixed":
             lam = ns.fixed_lambda(len(vs), cfg["LAMBDA_SCALE"])
         else:
-            u_top = [ns.top_directions(ns.gram(a), cfg["TOP_SELECT"]) for a in current[tower]]
+            u_top = [ns.top_directions(ns.gram(a), cfg["TOP_SELECT"], proj["eig"]) for a in current[tower]]
             lam = ns.dynamic_lambda(u_top, vs, cfg["TOP_K_RATIO"], cfg["LAMBDA_SCALE"])
         plan.lambdas[tower] = lam.cpu()
         plan.ops[tower] = ns.composite_operators(vs, proj["layers"])
@@ -124,7 +124,7 @@ def update_bases(
         for v, a in zip(prev, acts, strict=True):
             c = ns.gram(a)
             if proj["basis"] == "concat":
-                new.append(ns.concat_basis(v, c, cfg["TOP_SELECT"]))
+                new.append(ns.concat_basis(v, c, cfg["TOP_SELECT"], proj["eig"]))
             else:
                 new.append(ns.orthonormal_basis(v, c, cfg["TOP_SELECT"], proj["energy_threshold"])[0])
         out[tower] = new
@@ -189,6 +189,10 @@ class DMNSP(Method):
         "lambda-fixed": {"projection.lambda": "fixed"},
         "basis-orthonormal": {"projection.basis": "orthonormal"},
         "mode-clean": {"projection.mode": "clean"},
+        # Numerics switches (not in the paper): how much of the result is float32 overflow, and how
+        # much the solver's arbitrary null-space basis matters (config/README.md).
+        "numerics-cpu": {"optimizer.numerics": "cpu"},
+        "eig-eigh": {"projection.eig": "eigh"},
     }
     # Clean mode projects AdamW's update, where the coefficients have no effect.
     variant_ignores = {"mode-clean": frozenset({"TOP_K_RATIO", "LAMBDA_SCALE"})}

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .base import TRAINING_KEYS, Method
+from .base import NUMERICS_BY_MODE, TRAINING_KEYS, Method
 
 _REGISTRY: dict[str, type[Method]] = {}
 
@@ -95,6 +95,9 @@ def run_label(cfg: Mapping[str, Any], searched: bool = False) -> str:
     if mode != "faithful":
         parts.append(f"mode={mode}")
     parts += cls.label_parts(cfg)
+    numerics = (cfg.get("optimizer") or {}).get("numerics")
+    if cls.trains and numerics not in (None, NUMERICS_BY_MODE.get(mode)):
+        parts.append(f"numerics={numerics}")
     if searched:
         parts.append("searched")
     base = cls.label or cls.name
