@@ -185,7 +185,10 @@ def cmd_import_config(args) -> int:
     from .hydra_import import hydra_workflow_config
     from .io import atomic_write_text
 
-    spec = hydra_workflow_config(args.hydra_config)
+    notes: list[str] = []
+    spec = hydra_workflow_config(args.hydra_config, notes=notes)
+    for note in notes:
+        print(f"dmnsp import-config: note: {args.hydra_config}: {note}", file=sys.stderr)
     text = yaml.safe_dump(spec, sort_keys=False)
     if args.out:
         atomic_write_text(args.out, text)
