@@ -35,6 +35,21 @@ def _load(args):
     return load_config(args.config, parse_overrides(args.overrides))
 
 
+def _json_object(text: str, option: str) -> dict:
+    """A command-line JSON object (the workflow writes them); malformed JSON is a user error."""
+    from .config import ConfigError
+
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise ConfigError(
+            f"{option} is not valid JSON ({exc}); pass one JSON object such as '{{\"lr\": 0.001}}'"
+        ) from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{option} must be one JSON object, got {type(value).__name__}")
+    return value
+
+
 def _git_revision() -> str | None:
     try:
         out = subprocess.run(
@@ -103,7 +118,7 @@ def cmd_prepare_run(args) -> int:
     from .config import load_config, parse_overrides
 
     swept = parse_overrides(args.overrides)  # the run's own settings, recorded in run.json
-    settings = json.loads(args.settings_json) if args.settings_json else {}
+    settings = _json_object(args.settings_json, "--settings-json") if args.settings_json else {}
     settings.update(swept)
     cfg = load_config(args.config, settings)
     _write_provenance(cfg, Path(args.out_dir), args.experiment, args.label or derive_label(cfg), swept)
@@ -228,8 +243,8 @@ def _search_spec(args) -> dict:
     from .search import SPEC_VERSION, SearchError, load_spec
 
     if args.spec_json:
-        spec = json.loads(args.spec_json)
-        if not isinstance(spec, dict) or spec.get("version") != SPEC_VERSION:
+        spec = _json_object(args.spec_json, "--spec-json")
+        if spec.get("version") != SPEC_VERSION:
             raise SearchError(f"--spec-json is not a dmnsp search spec (version {SPEC_VERSION})")
         return spec
     return load_spec(args.spec)
@@ -285,7 +300,7 @@ def cmd_search_prepare_run(args) -> int:
     from .config import load_config
     from .search import followup_settings, read_best, searched_label
 
-    settings = followup_settings(json.loads(args.settings_json), read_best(args.best))
+    settings = followup_settings(_json_object(args.settings_json, "--settings-json"), read_best(args.best))
     cfg = load_config(None, settings)
     label = args.label or searched_label(derive_label(cfg))
     _write_provenance(cfg, Path(args.out_dir), args.experiment, label, settings)

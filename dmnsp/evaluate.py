@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.data import ConcatDataset, Dataset
 from tqdm.auto import tqdm
 
-from .model import clip_logits, encode_image, encode_text
+from .model import clip_logits, encode_image, encode_text, tokenize_prompts
 from .train import make_loader
 
 
@@ -30,7 +30,7 @@ def predict(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Argmax predictions and labels over ``dataset`` (labels are positions in ``class_names``)."""
     model.eval()
-    tokens = tokenizer([template.format(n) for n in class_names]).to(device)
+    tokens = tokenize_prompts(tokenizer, class_names, template).to(device)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
         text = encode_text(model, tokens)
     loader = make_loader(

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from dmnsp.config import ConfigError
 from dmnsp.io import atomic_write_json, atomic_write_text
 
 __all__ = [
@@ -273,7 +274,7 @@ def read_eval_rows(run_dir: str | Path) -> list[dict]:
     for _, folder in _task_dirs(Path(run_dir)):
         path = folder / "eval.json"
         if path.is_file():
-            rows.append(json.loads(path.read_text()))
+            rows.append(_read_record(path))
     return rows
 
 
@@ -283,8 +284,20 @@ def read_diagnostics(run_dir: str | Path) -> list[dict]:
     for _, folder in _task_dirs(Path(run_dir)):
         path = folder / "diagnostics.json"
         if path.is_file():
-            rows.append(json.loads(path.read_text()))
+            rows.append(_read_record(path))
     return rows
+
+
+def _read_record(path: Path) -> dict:
+    """A task's JSON record; a damaged one is a user error naming the file and the fix."""
+    fix = f"delete {path.parent} and rerun that task (`snakemake` reruns it, or `dmnsp train-task`)"
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise ConfigError(f"{path} is damaged or unreadable ({exc}); {fix}") from None
+    if not isinstance(record, dict) or not isinstance(record.get("task"), int):
+        raise ConfigError(f"{path} is not a dmnsp task record (no integer 'task'); {fix}")
+    return record
 
 
 def _finite_or_none(value: float) -> float | None:
@@ -391,6 +404,10 @@ def write_run_metrics(run_dir: str | Path) -> dict[str, Any]:
     the diagonal). ``metrics.json`` holds :func:`run_metrics` without the matrix.
     """
     run_dir = Path(run_dir)
+    if not run_dir.is_dir():  # never create a folder that holds no run
+        raise ConfigError(
+            f"run folder {run_dir} does not exist; give the folder that holds task0/, task1/, ..."
+        )
     metrics = run_metrics(run_dir)
     rows = metrics["accuracy_matrix"]
     matrix = np.array([[np.nan if v is None else v for v in row] for row in rows], dtype=float)

@@ -7,7 +7,6 @@ task reseeds from (seed, task), so both paths give bitwise-identical results on 
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,10 +17,10 @@ from .adapters import adapter_state_dict, load_adapter_state_dict
 from .checkpoint import TaskState, load_checkpoint, save_checkpoint
 from .config import ConfigError
 from .datasets import DatasetSplits, load_dataset
-from .devices import pick_device
+from .devices import available_cores, pick_device, set_threads
 from .evaluate import evaluate_seen
-from .io import atomic_write_json
-from .model import create_clip
+from .io import atomic_write_json, json_safe
+from .model import create_clip, tokenize_prompts
 from .scenario import TaskDataset, build_scenario
 from .train import derive_seed, peak_memory_mb, train_task
 
@@ -29,7 +28,7 @@ from .train import derive_seed, peak_memory_mb, train_task
 def _num_workers(spec: int | str) -> int:
     if spec != "auto":
         return int(spec)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = available_cores()
     # Tiny images decode in microseconds: extra processes only pay off with spare cores.
     return 0 if cores <= 2 else min(8, cores - 1)
 
@@ -40,8 +39,7 @@ class Session:
     def __init__(self, cfg: dict, progress: bool = True, data: DatasetSplits | None = None) -> None:
         self.cfg = cfg
         self.progress = progress
-        if cfg["threads"]:
-            torch.set_num_threads(cfg["threads"])
+        set_threads(cfg["threads"])
         self.device = pick_device(cfg["device"])
         self.num_workers = _num_workers(cfg["num_workers"])
         self.bundle = create_clip(
@@ -61,6 +59,8 @@ class Session:
         )
         self.scenario = build_scenario(self.data, cfg)
         self.n_tasks = len(self.scenario.tasks)
+        # Prompts cut to identical tokens by a short text context stop the run before training.
+        tokenize_prompts(self.bundle.tokenizer, self.scenario.class_names, cfg["prompt_template"])
 
     @property
     def model(self) -> torch.nn.Module:
@@ -145,11 +145,23 @@ class Session:
 
 
 def write_task_outputs(out_dir: str | Path, state: TaskState, row: dict, diag: dict, cfg: dict) -> None:
-    """One task's folder: eval.json, diagnostics.json, then checkpoint.pt (last, so its presence means done)."""
+    """One task's folder, all or nothing: diagnostics.json, checkpoint.pt, then eval.json.
+
+    eval.json is what marks a task as evaluated (metrics read it), so it comes last, once the
+    checkpoint exists; a failed write removes what this call wrote. Non-finite diagnostics (an
+    overflowed lambda product) are written as the strings "inf"/"-inf"/"nan" (io.json_safe).
+    """
     out = Path(out_dir)
-    atomic_write_json(out / "eval.json", row)
-    atomic_write_json(out / "diagnostics.json", diag)
-    save_checkpoint(out / "checkpoint.pt", state, cfg)
+    written: list[Path] = []
+    try:
+        written.append(atomic_write_json(out / "diagnostics.json", json_safe(diag)))
+        save_checkpoint(out / "checkpoint.pt", state, cfg)
+        written.append(out / "checkpoint.pt")
+        written.append(atomic_write_json(out / "eval.json", json_safe(row)))
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
 
 
 def run_one_task(

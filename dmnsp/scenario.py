@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch.utils.data
 
-from .config import ConfigError, read_yaml_file, run_schema
+from .config import ConfigError, read_class_order_file, run_schema
 from .datasets import DatasetSplits
 
 # Run-config keys read here; missing ones take the schema default (handy for partial test configs).
@@ -45,13 +45,6 @@ class ScenarioError(ConfigError):
 # ------------------------------------------------------------------------------------ class order
 
 
-def _load_order_file(path: Path) -> list:
-    content = read_yaml_file(path, "class_order file", ScenarioError)
-    if not isinstance(content, dict) or not isinstance(content.get("class_order"), list):
-        raise ScenarioError(f"class_order file {path} must hold a mapping with a `class_order:` list")
-    return content["class_order"]
-
-
 def _ids(values: list[int]) -> str:
     shown = ", ".join(str(v) for v in values[:20])
     return shown + (f", ... ({len(values)} in all)" if len(values) > 20 else "")
@@ -66,8 +59,8 @@ def resolve_class_order(
     """The class order of a run, as original label ids.
 
     Args:
-        cfg_class_order: a list of ids, a path to a YAML file with a ``class_order`` list, or None
-            for ``default_order``.
+        cfg_class_order: a list of ids, a path to a YAML file holding one (a bare list or a
+            ``class_order:`` mapping), or None for ``default_order``.
         n_classes: number of classes in the dataset; the order must hold each id in 0..n-1 once.
         default_order: the dataset's standard order.
         class_order_seed: when not None, the order is ``np.random.default_rng(seed).permutation``
@@ -79,7 +72,10 @@ def resolve_class_order(
     if cfg_class_order is None:
         raw, source = list(default_order), "the dataset's default class order"
     elif isinstance(cfg_class_order, str | Path):
-        raw, source = _load_order_file(Path(cfg_class_order)), f"class_order file {cfg_class_order}"
+        raw, source = (
+            read_class_order_file(cfg_class_order, ScenarioError),
+            f"class_order file {cfg_class_order}",
+        )
     else:
         raw, source = list(cfg_class_order), "class_order"
     bad = [v for v in raw if isinstance(v, bool) or not isinstance(v, int | np.integer)]

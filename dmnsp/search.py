@@ -40,7 +40,7 @@ from typing import Any
 
 import yaml
 
-from .config import EXECUTION_KEYS, ConfigError, validate
+from .config import EXECUTION_KEYS, ConfigError, read_yaml_file, validate
 
 try:
     import optuna
@@ -506,7 +506,7 @@ def load_spec(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise SearchError(f"search spec {path} does not exist; run `dmnsp search-create` first")
-    spec = yaml.safe_load(path.read_text())
+    spec = read_yaml_file(path, "search spec", SearchError)
     if not isinstance(spec, dict) or spec.get("version") != SPEC_VERSION:
         raise SearchError(f"{path} is not a dmnsp search spec (version {SPEC_VERSION})")
     return spec
@@ -963,7 +963,7 @@ def read_best(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise SearchError(f"{path} does not exist; run `dmnsp search-export` first")
-    data = yaml.safe_load(path.read_text())
+    data = read_yaml_file(path, "best parameters file", SearchError)
     if not isinstance(data, dict) or not isinstance(data.get("params"), dict):
         raise SearchError(f"{path} holds no 'params' mapping")
     return data["params"]

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from . import nullspace as ns
 from .adapters import TOWERS, adapters, recorded_outputs, set_recording
-from .model import clip_logits, encode_image, encode_text
+from .model import clip_logits, encode_image, encode_text, tokenize_prompts
 
 
 class NonFiniteError(FloatingPointError):
@@ -226,7 +226,7 @@ def train_task(
         device=device,
     )
     towers = projected_towers(cfg)
-    tokens = tokenizer([cfg["prompt_template"].format(n) for n in class_names]).to(device)
+    tokens = tokenize_prompts(tokenizer, class_names, cfg["prompt_template"]).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     visual_params = [p for a in adapters(model, "visual") for p in a.parameters()]
     text_params = [p for a in adapters(model, "text") for p in a.parameters()]

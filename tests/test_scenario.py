@@ -116,7 +116,10 @@ def test_class_order_sources(tmp_path):
     assert resolve_class_order(path, 4, [0, 1, 2, 3], None) == [1, 3, 0, 2]
     with pytest.raises(ScenarioError, match="does not exist"):
         resolve_class_order(str(tmp_path / "nope.yaml"), 4, [0, 1, 2, 3], None)
+    # Both shapes are accepted (the same reader serves planning and the job).
     path.write_text("[1, 3, 0, 2]\n")
+    assert resolve_class_order(str(path), 4, [0, 1, 2, 3], None) == [1, 3, 0, 2]
+    path.write_text("order: [1, 3, 0, 2]\n")
     with pytest.raises(ScenarioError, match="`class_order:` list"):
         resolve_class_order(str(path), 4, [0, 1, 2, 3], None)
 
