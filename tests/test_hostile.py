@@ -355,3 +355,16 @@ def test_duplicate_keys_are_refused_naming_the_key(tmp_path, capsys):
     path.write_text("a: {x: 1}\nb: {x: 2}\n")
     assert read_yaml_file(path, "file") == {"a": {"x": 1}, "b": {"x": 2}}
     assert parse_overrides(["lr=1e-4", "projection.mode=clean"]) == {"lr": 1e-4, "projection.mode": "clean"}
+
+
+def test_duplicate_keys_in_a_workflow_config_stop_planning(tmp_path):
+    from test_workflow import snakemake
+
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "experiments:\n  e:\n    datasets: [fashion-mnist]\n    methods: [zeroshot]\n"
+        "    run: {model_name: dmnsp-tiny, pretrained: null}\n"
+        "keep_checkpoints: true\nkeep_checkpoints: false\n"
+    )
+    proc = snakemake("-n", "--configfile", str(config), cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and "duplicate key 'keep_checkpoints'" in proc.stdout + proc.stderr
