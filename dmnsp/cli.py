@@ -34,6 +34,21 @@ def _load(args):
     return load_config(args.config, parse_overrides(args.overrides))
 
 
+def _json_object(text: str, option: str) -> dict:
+    """A command-line JSON object (the workflow writes them); malformed JSON is a user error."""
+    from .config import ConfigError
+
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise ConfigError(
+            f"{option} is not valid JSON ({exc}); pass one JSON object such as '{{\"lr\": 0.001}}'"
+        ) from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{option} must be one JSON object, got {type(value).__name__}")
+    return value
+
+
 def cmd_run(args) -> int:
     from . import layout
     from .methods import run_label
@@ -71,7 +86,7 @@ def cmd_prepare_run(args) -> int:
     from .methods import run_label
 
     swept = parse_overrides(args.overrides)  # the run's own settings, recorded in run.json
-    settings = json.loads(args.settings_json) if args.settings_json else {}
+    settings = _json_object(args.settings_json, "--settings-json") if args.settings_json else {}
     settings.update(swept)
     cfg = load_config(args.config, settings)
     layout.write_run_info(args.out_dir, cfg, args.experiment, args.label or run_label(cfg), swept)
@@ -137,7 +152,10 @@ def cmd_import_config(args) -> int:
     from .hydra_import import hydra_workflow_config
     from .io import atomic_write_text
 
-    spec = hydra_workflow_config(args.hydra_config)
+    notes: list[str] = []
+    spec = hydra_workflow_config(args.hydra_config, notes=notes)
+    for note in notes:
+        print(f"dmnsp import-config: note: {args.hydra_config}: {note}", file=sys.stderr)
     text = yaml.safe_dump(spec, sort_keys=False)
     if args.out:
         atomic_write_text(args.out, text)
@@ -186,8 +204,8 @@ def _search_spec(args) -> dict:
     from .search import SPEC_VERSION, SearchError, load_spec
 
     if args.spec_json:
-        spec = json.loads(args.spec_json)
-        if not isinstance(spec, dict) or spec.get("version") != SPEC_VERSION:
+        spec = _json_object(args.spec_json, "--spec-json")
+        if spec.get("version") != SPEC_VERSION:
             raise SearchError(f"--spec-json is not a dmnsp search spec (version {SPEC_VERSION})")
         return spec
     return load_spec(args.spec)
@@ -244,7 +262,7 @@ def cmd_search_prepare_run(args) -> int:
     from .methods import run_label
     from .search import followup_settings, read_best
 
-    settings = followup_settings(json.loads(args.settings_json), read_best(args.best))
+    settings = followup_settings(_json_object(args.settings_json, "--settings-json"), read_best(args.best))
     cfg = load_config(None, settings)
     label = args.label or run_label(cfg, searched=True)
     layout.write_run_info(args.out_dir, cfg, args.experiment, label, settings)

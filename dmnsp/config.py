@@ -9,9 +9,11 @@ from __future__ import annotations
 import copy
 import difflib
 import hashlib
+import importlib.util
 import json
 import math
 import re
+import string
 from collections.abc import Mapping
 from functools import cache
 from importlib import resources
@@ -45,7 +47,29 @@ class ConfigError(ValueError):
 
 
 class _Loader(yaml.SafeLoader):
-    """PyYAML follows YAML 1.1, where ``1e-4`` (no dot) is a string; read it as a float."""
+    """PyYAML follows YAML 1.1, where ``1e-4`` (no dot) is a string; read it as a float. A key
+    written twice in one mapping is an error (PyYAML keeps the last value silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: set = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # `<<: *anchor` merges are overridden on purpose
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    duplicate = key in seen
+                    seen.add(key)
+                except TypeError:
+                    continue  # unhashable keys: the base class reports them
+                if duplicate:
+                    raise yaml.constructor.ConstructorError(
+                        "while reading a mapping",
+                        node.start_mark,
+                        f"duplicate key {key!r}: write each key once",
+                        key_node.start_mark,
+                    )
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.add_implicit_resolver(
@@ -56,8 +80,32 @@ _Loader.add_implicit_resolver(
 
 
 def load_yaml(text: str):
-    """YAML as users write it: ``1e-4`` is a number."""
+    """YAML as users write it: ``1e-4`` is a number; a duplicate key is an error (yaml.YAMLError)."""
     return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML error on one line (PyYAML spreads context, problem and position over several)."""
+    problem, mark = getattr(exc, "problem", None), getattr(exc, "problem_mark", None)
+    if problem:
+        return problem + (f" (line {mark.line + 1}, column {mark.column + 1})" if mark else "")
+    return " ".join(str(exc).split())
+
+
+def read_text_file(path: str | Path, what: str, error: type[ConfigError] = ConfigError) -> str:
+    """The UTF-8 text of a user's file; a missing, unreadable or non-UTF-8 file raises ``error``
+    naming ``what``, the path and the fix."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{what} {path} does not exist" + (" (it is a folder)" if path.is_dir() else ""))
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise error(
+            f"{what} {path} is not UTF-8 text (byte {exc.start}: {exc.reason}); save it as UTF-8"
+        ) from None
+    except OSError as exc:
+        raise error(f"{what} {path} cannot be read ({exc.strerror or exc}); check its permissions") from None
 
 
 @cache
@@ -153,6 +201,21 @@ def _check_keys_and_numbers(cfg: Mapping, schema: Mapping, prefix: str = "") -> 
             _check_keys_and_numbers(value, props[key], name + ".")
 
 
+def check_template(key: str, template: str) -> None:
+    """A prompt template holds exactly one ``{}`` (the class name) and nothing else to fill in."""
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+        ok = fields == [""] and template.format("x") != template.format("y")
+        problem = f"{len(fields)} fields to fill" if fields != [""] else "no class name slot"
+    except ValueError as exc:  # unbalanced braces
+        ok, problem = False, str(exc)
+    if not ok:
+        raise ConfigError(
+            f"'{key}': {template!r} must hold exactly one {{}} for the class name ({problem}); "
+            "write other braces doubled, e.g. 'a photo of a {}.'"
+        )
+
+
 def _resolve(cfg: dict) -> dict:
     """Derived settings that depend on other keys (kept explicit in the resolved config)."""
     proj = cfg["projection"]
@@ -174,27 +237,71 @@ def _resolve(cfg: dict) -> dict:
         raise ConfigError("'projection.energy_threshold' needs projection.basis: orthonormal")
     if cfg["eval_transform"] is None:
         cfg["eval_transform"] = "train" if proj["mode"] == "faithful" else "center"
-    try:
-        cfg["prompt_template"].format("x")
-    except (IndexError, KeyError, ValueError) as exc:
-        raise ConfigError(
-            f"'prompt_template': {cfg['prompt_template']!r} must hold exactly one {{}} ({exc})"
-        ) from None
+    check_template("prompt_template", cfg["prompt_template"])
+    for i, template in enumerate(cfg["pretrain"]["templates"]):
+        check_template(f"pretrain.templates[{i}]", template)
     if cfg["val_fraction"] == 0 and cfg["evaluate_on"] == "val":
         raise ConfigError("'evaluate_on': val needs val_fraction > 0")
+    _check_widths(cfg)
     return cfg
+
+
+@cache
+def tower_widths(model_name: str) -> dict[str, int]:
+    """Residual-stream widths of an open_clip architecture's towers (``{"visual": 768, "text": 512}``),
+    read from its JSON config (the package's own or open_clip's) without importing or building
+    anything; empty when the architecture is not found that way or gives no width."""
+    folders = [Path(str(resources.files("dmnsp").joinpath("model_configs")))]
+    spec = importlib.util.find_spec("open_clip")
+    if spec is not None and spec.submodule_search_locations:
+        folders += [Path(p) / "model_configs" for p in spec.submodule_search_locations]
+    for folder in folders:
+        path = folder / f"{model_name}.json"
+        if path.is_file():
+            arch = json.loads(path.read_text())
+            cfgs = {"visual": arch.get("vision_cfg") or {}, "text": arch.get("text_cfg") or {}}
+            # Only transformer towers (an int layer count; ResNets list stages) carry adapters.
+            return {
+                tower: int(c["width"])
+                for tower, c in cfgs.items()
+                if isinstance(c.get("width"), int) and isinstance(c.get("layers"), int)
+            }
+    return {}
+
+
+def _check_widths(cfg: dict) -> None:
+    """Settings bounded by the model's width: the adapter bottleneck fits inside each tower, and
+    TOP_SELECT leaves null-space directions in every tower whose bases dmnsp builds."""
+    widths = tower_widths(cfg["model_name"])
+    if not widths:
+        return
+    tower, width = min(widths.items(), key=lambda item: item[1])
+    if cfg["adapter_dim"] > width:
+        raise ConfigError(
+            f"'adapter_dim': {cfg['adapter_dim']} is wider than {cfg['model_name']}'s {tower} tower "
+            f"({width}); a bottleneck is at most the width: set adapter_dim to {width} or less"
+        )
+    if cfg["method"] != "dmnsp":
+        return
+    towers = ["visual", "text"] if cfg["projection"]["towers"] == "both" else ["visual"]
+    for tower in towers:
+        width = widths.get(tower)
+        if width is not None and cfg["TOP_SELECT"] >= width:
+            raise ConfigError(
+                f"'TOP_SELECT': {cfg['TOP_SELECT']} leaves no null space in {cfg['model_name']}'s {tower} tower "
+                f"(width {width}; the basis keeps the directions after the first TOP_SELECT): "
+                f"set TOP_SELECT to at most {width - 1}"
+            )
 
 
 def read_yaml_file(path: str | Path, what: str, error: type[ConfigError] = ConfigError) -> Any:
     """Parse a YAML file the way users write it (``1e-4`` is a number); a missing or malformed
     file raises ``error`` naming ``what`` and the path."""
-    path = Path(path)
-    if not path.is_file():
-        raise error(f"{what} {path} does not exist")
+    text = read_text_file(path, what, error)
     try:
-        return load_yaml(path.read_text())
+        return load_yaml(text)
     except yaml.YAMLError as exc:
-        raise error(f"{what} {path} is not valid YAML: {exc}") from exc
+        raise error(f"{what} {path} is not valid YAML: {_yaml_problem(exc)}") from None
 
 
 def class_order_list(content: Any, source: str, error: type[ConfigError] = ConfigError) -> list:
@@ -245,7 +352,13 @@ def parse_overrides(items: list[str] | None) -> dict:
         if "=" not in item:
             raise ConfigError(f"override '{item}' must look like key=value")
         key, value = item.split("=", 1)
-        out[key.strip()] = load_yaml(value)
+        try:
+            out[key.strip()] = load_yaml(value)
+        except yaml.YAMLError as exc:
+            raise ConfigError(
+                f"override '{item}': the value is not valid YAML ({_yaml_problem(exc)}); quote it, "
+                "e.g. --set 'prompt_template=\"a photo of a {}.\"'"
+            ) from None
     return out
 
 

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch.utils.data
 from torchvision.datasets import CIFAR100, FashionMNIST, ImageFolder, VisionDataset
-from torchvision.datasets.folder import default_loader, make_dataset
+from torchvision.datasets.folder import default_loader, find_classes, make_dataset
 
 from .config import ConfigError, class_order_list, load_yaml
 from .io import atomic_save
@@ -347,10 +347,28 @@ def _load_fashion_mnist(root: Path, download: bool) -> DatasetSplits:
 # ------------------------------------------------------------------------------------- imagefolder
 
 
-def _load_imagefolder(root: Path, download: bool) -> DatasetSplits:
-    layout = (
+def _imagefolder_layout(root: Path) -> str:
+    return (
         f"expected {root}/train/<class>/<image> and {root}/test/<class>/<image> with the same class folders"
     )
+
+
+def imagefolder_classes(root: str | Path) -> list[str]:
+    """Class names of an image folder dataset: the folders under ``<root>/train``, sorted as
+    torchvision's ImageFolder sorts them (the labels follow this order). Reads no image."""
+    folder = Path(root).expanduser() / "train"
+    if not folder.is_dir():
+        raise DataError(f"image folder dataset: no folder {folder}; {_imagefolder_layout(Path(root))}")
+    try:
+        return find_classes(str(folder))[0]
+    except FileNotFoundError as exc:  # no class folders
+        raise DataError(
+            f"image folder dataset in {folder}: {exc}; {_imagefolder_layout(Path(root))}"
+        ) from None
+
+
+def _load_imagefolder(root: Path, download: bool) -> DatasetSplits:
+    layout = _imagefolder_layout(root)
     splits = {}
     for split in ("train", "test"):
         folder = root / split

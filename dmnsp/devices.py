@@ -36,3 +36,29 @@ def pick_device(spec: str = "auto", lock_dir: str | Path | None = None) -> torch
         f"all {n} GPUs are held by other dmnsp jobs; limit concurrent GPU jobs "
         "(snakemake --resources gpu=N) or set device: cuda:K explicitly"
     )
+
+
+# More torch threads than this many per available core only add contention (10000 threads start
+# 20,001 OS threads and can crash); the config schema also caps `threads` at 1024.
+THREADS_PER_CORE = 4
+
+
+def available_cores() -> int:
+    """Cores this process may run on (its CPU affinity, e.g. a scheduler's allocation)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def set_threads(threads: int | None) -> None:
+    """Apply the config's ``threads`` (None keeps torch's default), refusing absurd counts."""
+    if not threads:
+        return
+    cores = available_cores()
+    if threads > THREADS_PER_CORE * cores:
+        from .config import ConfigError
+
+        raise ConfigError(
+            f"'threads': {threads} torch threads on {cores} available cores is more than "
+            f"{THREADS_PER_CORE} per core; set threads to at most {THREADS_PER_CORE * cores} "
+            f"(usually the core count, {cores}) or null"
+        )
+    torch.set_num_threads(threads)

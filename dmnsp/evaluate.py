@@ -11,7 +11,7 @@ from torch.utils.data import ConcatDataset, Dataset
 from tqdm.auto import tqdm
 
 from .loaders import make_loader
-from .model import clip_logits, encode_image, encode_text, prompts
+from .model import clip_logits, encode_image, encode_text, tokenize_prompts
 
 
 @torch.no_grad()
@@ -30,7 +30,7 @@ def predict(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Argmax predictions and labels over ``dataset`` (labels are positions in ``class_names``)."""
     model.eval()
-    tokens = tokenizer(prompts(class_names, template)).to(device)
+    tokens = tokenize_prompts(tokenizer, class_names, template).to(device)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
         text = encode_text(model, tokens)
     loader = make_loader(

@@ -28,7 +28,15 @@ from typing import Any
 import yaml
 
 from . import layout, methods
-from .config import ConfigError, config_hash, load_yaml, read_class_order_file, set_dotted, validate
+from .config import (
+    ConfigError,
+    config_hash,
+    load_yaml,
+    read_class_order_file,
+    read_text_file,
+    set_dotted,
+    validate,
+)
 
 # Experiment axes and the run key each one sets (splits set initial_increment and increment).
 AXES = {"datasets": "dataset", "methods": "method", "seeds": "seed"}
@@ -209,10 +217,12 @@ def class_count(cfg: Mapping[str, Any], num_classes: int | None = None) -> int:
 
     Args:
         cfg: a validated run config.
-        num_classes: the experiment's ``num_classes`` (needed for ``imagefolder`` without a list).
+        num_classes: the experiment's ``num_classes`` (optional; ``imagefolder`` counts its class
+            folders otherwise).
 
     Returns:
-        Length of an explicit class order, else ``num_classes``, else the dataset's class count.
+        Length of an explicit class order, else ``num_classes``, else the dataset's class count
+        (for ``imagefolder`` the class folders under ``<dataset_root>/train``).
     """
     from .datasets import NUM_CLASSES
 
@@ -224,12 +234,25 @@ def class_count(cfg: Mapping[str, Any], num_classes: int | None = None) -> int:
     if num_classes is not None:
         return int(num_classes)
     dataset = cfg["dataset"]
+    if dataset == "imagefolder":
+        return _imagefolder_class_count(str(cfg["dataset_root"]))
     if dataset not in NUM_CLASSES:
         raise ConfigError(
             f"'class_order': dataset {dataset!r} has no fixed class count; give class_order as a list "
             "or set the experiment's num_classes"
         )
     return int(NUM_CLASSES[dataset])
+
+
+@cache
+def _imagefolder_class_count(root: str) -> int:
+    """Class folders under ``<root>/train``, counted as the loader counts them (no image is read)."""
+    from .datasets import DataError, imagefolder_classes
+
+    try:
+        return len(imagefolder_classes(root))
+    except DataError as exc:
+        raise ConfigError(f"'dataset_root': {exc} (or set the experiment's num_classes)") from None
 
 
 def task_count(cfg: Mapping[str, Any], num_classes: int | None = None) -> int:
@@ -349,12 +372,9 @@ def read_sheet(path: str) -> tuple[dict, ...]:
     Lines starting with ``#`` are comments.
     """
     file = Path(path)
-    if not file.is_file():
-        raise ConfigError(f"'sheet': {path} does not exist")
     delimiter = "," if file.suffix.lower() == ".csv" else "\t"
-    lines = [
-        line for line in file.read_text().splitlines() if line.strip() and not line.lstrip().startswith("#")
-    ]
+    text = read_text_file(file, "'sheet': sweep sheet")
+    lines = [line for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
     reader = csv.reader(lines, delimiter=delimiter)
     header = [h.strip() for h in next(reader, [])]
     if not header or len(set(header)) != len(header):
@@ -374,12 +394,30 @@ def read_sheet(path: str) -> tuple[dict, ...]:
                     row[key] = load_yaml(cell.strip())
                 except yaml.YAMLError as exc:
                     raise ConfigError(
-                        f"'sheet.{key}': row {number} value {cell!r} is not a scalar: {exc}"
+                        f"'sheet.{key}': row {number} value {cell!r} is not a scalar: {' '.join(str(exc).split())}"
                     ) from None
         rows.append(row)
     if not rows:
         raise ConfigError(f"'sheet': {path} has no rows")
+    _refuse_colliding_rows(path, rows)
     return tuple(rows)
+
+
+def _refuse_colliding_rows(path: str, rows: list[dict]) -> None:
+    """Two rows that name the same run folder (values that differ only in characters the folder
+    name drops, e.g. ``a photo of {}`` / ``a photo of {}!``, or a row given twice) would make one
+    point overwrite the other and count twice: refuse them, naming both rows (data rows from 1)."""
+    seen: dict[tuple, int] = {}
+    for number, row in enumerate(rows, start=1):
+        folder = tuple((key, format_value(value)) for key, value in row.items())
+        if folder in seen:
+            first = seen[folder]
+            raise ConfigError(
+                f"'sheet': {path} rows {first} ({rows[first - 1]}) and {number} ({row}) map to the same run "
+                f"folder ({'/'.join(f'{k}~{v}' for k, v in folder)}); make them differ in letters, digits "
+                "or '._+-', or drop one"
+            )
+        seen[folder] = number
 
 
 def _points(spec: Mapping, grid: Mapping[str, list]) -> list[dict]:

@@ -43,6 +43,12 @@ RUN_KEYS = (
 NUMERIC_KEYS = frozenset({"lr", "weight_decay", "ls", "TOP_K_RATIO", "LAMBDA_SCALE"})
 INTEGER_KEYS = frozenset({"initial_increment", "increment", "batch_size", "epochs", "TOP_SELECT", "seed"})
 
+# Keys the reference's TinyImageNet files carry but its code never reads (left over from the code
+# base it grew from, where they configure weight ensembling and reference-data distillation). Each
+# imports with a note when empty or at the official files' value; any other value asks for a
+# feature neither the reference nor dmnsp has, so it stops the import.
+UNREAD_KEYS: dict[str, tuple] = {"we": (), "avg_freq": (), "ref_dataset": (), "ref_sentences": ("random",)}
+
 # Reference settings that dmnsp supports only at one value.
 REQUIRED_VALUES = {"scenario": ("class",), "l2": (0, 0.0), "ce_method": (0, 0.0)}
 
@@ -124,11 +130,32 @@ def _number(key: str, value: Any) -> Any:
     return float(value) if key in NUMERIC_KEYS else value
 
 
-def convert_hydra_config(raw: Mapping[str, Any]) -> dict:
+def _unread_keys(cfg: Mapping[str, Any]) -> list[str]:
+    """Notes for the reference's never-read keys; raises for one set to a value that asks for more."""
+    notes = []
+    for key, official in UNREAD_KEYS.items():
+        if key not in cfg:
+            continue
+        value = cfg[key]
+        if value not in (None, "") and str(value).strip() not in official:
+            raise ConfigError(
+                f"'{key}': {value!r} is not supported; the reference code never reads '{key}' and dmnsp does "
+                f"not implement it: leave it empty{f' or {official[0]!r}' if official else ''}, or delete it"
+            )
+        notes.append(key)
+    if not notes:
+        return []
+    return [
+        f"ignored {', '.join(notes)}: keys the reference code never reads (empty or at the official value)"
+    ]
+
+
+def convert_hydra_config(raw: Mapping[str, Any], notes: list[str] | None = None) -> dict:
     """Map a loaded reference Hydra config onto a dmnsp experiment spec.
 
     Args:
         raw: the reference YAML as a mapping.
+        notes: when given, receives one line per ignored key group (for the user to read).
 
     Returns:
         ``{"datasets": [...], "splits": ["I-I"], "methods": [...], "run": {...}}``; the run keys
@@ -140,14 +167,17 @@ def convert_hydra_config(raw: Mapping[str, Any]) -> dict:
     if not isinstance(raw, Mapping):
         raise ConfigError(f"a Hydra config must be a mapping of keys, got {type(raw).__name__}")
     cfg = resolve_interpolations(raw)
-    known = IGNORED_KEYS | set(RUN_KEYS) | set(REQUIRED_VALUES) | {"dataset", "method"}
+    known = IGNORED_KEYS | set(RUN_KEYS) | set(REQUIRED_VALUES) | set(UNREAD_KEYS) | {"dataset", "method"}
     unknown = sorted(set(cfg) - known)
     if unknown:
         raise ConfigError(
             f"'{unknown[0]}': the reference key is not supported by dmnsp"
             + (f" (nor {', '.join(repr(k) for k in unknown[1:])})" if len(unknown) > 1 else "")
-            + f"; supported keys: {', '.join(sorted(known - IGNORED_KEYS))}"
+            + f"; supported keys: {', '.join(sorted(known - IGNORED_KEYS - set(UNREAD_KEYS)))}"
         )
+    found = _unread_keys(cfg)
+    if notes is not None:
+        notes.extend(found)
     for key, allowed in REQUIRED_VALUES.items():
         if key in cfg and cfg[key] not in allowed and str(cfg[key]).strip() not in map(str, allowed):
             raise ConfigError(
@@ -203,12 +233,12 @@ def convert_hydra_config(raw: Mapping[str, Any]) -> dict:
     return spec
 
 
-def import_hydra_config(path: str | Path) -> dict:
+def import_hydra_config(path: str | Path, notes: list[str] | None = None) -> dict:
     """Read a reference Hydra YAML file and return the dmnsp experiment spec (see :func:`convert_hydra_config`)."""
     path = Path(path)
     raw = read_yaml_file(path, "Hydra config")
     try:
-        return convert_hydra_config(raw or {})
+        return convert_hydra_config(raw or {}, notes)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
 
@@ -219,7 +249,7 @@ def experiment_name(spec: Mapping[str, Any], fallback: str = "imported") -> str:
     return "-".join(str(p) for p in parts) or fallback
 
 
-def hydra_workflow_config(path: str | Path, name: str | None = None) -> dict:
+def hydra_workflow_config(path: str | Path, name: str | None = None, notes: list[str] | None = None) -> dict:
     """A complete workflow config (``{"experiments": {name: spec}}``) from a reference Hydra file."""
-    spec = import_hydra_config(path)
+    spec = import_hydra_config(path, notes)
     return {"experiments": {name or experiment_name(spec): spec}}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable
@@ -60,3 +61,18 @@ def atomic_write_json(path: str | Path, obj: Any) -> Path:
 def atomic_save(path: str | Path, save: Callable[[Any], None]) -> Path:
     """Run ``save(fileobj)`` (e.g. ``lambda f: torch.save(obj, f)``) atomically."""
     return _atomic(path, save, "wb")
+
+
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every non-finite float replaced by the string ``"inf"``, ``"-inf"`` or ``"nan"``.
+
+    JSON has no literal for them, and a diagnostic that overflowed (the faithful lambda product)
+    is worth keeping: ``float(value)`` and ``numpy.asarray(values, dtype=float)`` read them back.
+    """
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
+    if isinstance(obj, dict):
+        return {key: json_safe(value) for key, value in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_safe(value) for value in obj]
+    return obj

@@ -9,7 +9,7 @@
           config.yaml, run.json         resolved run config; provenance (experiment, label, settings)
           task<t>/eval.json             accuracy row after task t
           task<t>/diagnostics.json      training diagnostics of task t
-          task<t>/checkpoint.pt         state after task t (written last: its presence means done)
+          task<t>/checkpoint.pt         state after task t (eval.json is written after it: all or nothing)
           metrics.json, accuracy_matrix.csv
         tables/, plots/, search/
 
@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import __version__
-from .config import config_hash, dump_config, read_yaml_file
-from .io import atomic_write_json, atomic_write_text
+from .config import ConfigError, config_hash, dump_config, read_yaml_file
+from .io import atomic_write_json, atomic_write_text, json_safe
 from .metrics import accuracy_matrix_frame, metrics_from_rows
 
 if TYPE_CHECKING:
@@ -43,8 +43,9 @@ MATRIX = "accuracy_matrix.csv"
 EVAL = "eval.json"
 DIAGNOSTICS = "diagnostics.json"
 CHECKPOINT = "checkpoint.pt"
-#: The files a task job writes, in the order it writes them (the checkpoint last).
-TASK_FILES = (EVAL, DIAGNOSTICS, CHECKPOINT)
+#: The files a task job writes, in the order it writes them (eval.json, which marks a task as
+#: evaluated, last).
+TASK_FILES = (DIAGNOSTICS, CHECKPOINT, EVAL)
 
 _TASK_DIR = re.compile(r"^task(\d+)$")
 
@@ -101,9 +102,19 @@ def task_dirs(run: str | Path) -> list[tuple[int, Path]]:
 
 
 def _task_records(run: str | Path, name: str) -> list[dict]:
-    return [
-        json.loads((folder / name).read_text()) for _, folder in task_dirs(run) if (folder / name).is_file()
-    ]
+    return [_read_record(folder / name) for _, folder in task_dirs(run) if (folder / name).is_file()]
+
+
+def _read_record(path: Path) -> dict:
+    """A task's JSON record; a damaged one is a user error naming the file and the fix."""
+    fix = f"delete {path.parent} and rerun that task (`snakemake` reruns it, or `dmnsp train-task`)"
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise ConfigError(f"{path} is damaged or unreadable ({exc}); {fix}") from None
+    if not isinstance(record, dict) or not isinstance(record.get("task"), int):
+        raise ConfigError(f"{path} is not a dmnsp task record (no integer 'task'); {fix}")
+    return record
 
 
 def read_eval_rows(run: str | Path) -> list[dict]:
@@ -175,13 +186,25 @@ def write_run_info(
 
 
 def write_task_outputs(folder: str | Path, state: TaskState, row: dict, diag: dict, cfg: dict) -> None:
-    """One task's folder: eval.json, diagnostics.json, then checkpoint.pt (last, so its presence means done)."""
+    """One task's folder, all or nothing: diagnostics.json, checkpoint.pt, then eval.json.
+
+    eval.json is what marks a task as evaluated (metrics read it), so it comes last, once the
+    checkpoint exists; a failed write removes what this call wrote. Non-finite diagnostics (an
+    overflowed lambda product) are written as the strings "inf"/"-inf"/"nan" (io.json_safe).
+    """
     from .checkpoint import save_checkpoint  # torch: only where a task is written
 
     folder = Path(folder)
-    atomic_write_json(folder / EVAL, row)
-    atomic_write_json(folder / DIAGNOSTICS, diag)
-    save_checkpoint(folder / CHECKPOINT, state, cfg)
+    written: list[Path] = []
+    try:
+        written.append(atomic_write_json(folder / DIAGNOSTICS, json_safe(diag)))
+        save_checkpoint(folder / CHECKPOINT, state, cfg)
+        written.append(folder / CHECKPOINT)
+        written.append(atomic_write_json(folder / EVAL, json_safe(row)))
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
 
 
 def write_run_metrics(run: str | Path) -> dict[str, Any]:
@@ -190,6 +213,8 @@ def write_run_metrics(run: str | Path) -> dict[str, Any]:
     ``accuracy_matrix.csv`` holds ``R`` (fractions; empty cells for entries not evaluated or above
     the diagonal). ``metrics.json`` holds :func:`run_metrics` without the matrix.
     """
+    if not Path(run).is_dir():  # never create a folder that holds no run
+        raise ConfigError(f"run folder {run} does not exist; give the folder that holds task0/, task1/, ...")
     metrics = run_metrics(run)
     rows = metrics["accuracy_matrix"]
     atomic_write_text(Path(run) / MATRIX, accuracy_matrix_frame(rows).to_csv())

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import warnings
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -219,6 +220,37 @@ def clip_logits(image_features: torch.Tensor, text_features: torch.Tensor) -> to
 def prompts(class_names: list[str], template: str) -> list[str]:
     """Text prompts, one per class name."""
     return [template.format(name) for name in class_names]
+
+
+def tokenize_prompts(tokenizer, class_names: list[str], template: str) -> torch.Tensor:
+    """Tokenized prompts, one row per class, as training, evaluation and pretraining feed them.
+
+    A text context shorter than a prompt cuts it (the tiny model keeps 16 tokens): when two
+    differently named classes end up with the same tokens the model cannot tell them apart, so
+    this refuses; a prompt that only fills the whole context is warned about.
+
+    Raises:
+        ModelError: naming both classes, the context length and the fix.
+    """
+    texts = prompts(class_names, template)
+    tokens = tokenizer(texts)
+    seen: dict[tuple, int] = {}
+    for i, row in enumerate(tokens.tolist()):
+        j = seen.setdefault(tuple(row), i)
+        if j != i and class_names[j] != class_names[i]:
+            raise ModelError(
+                f"prompts {texts[j]!r} and {texts[i]!r} are identical after tokenization: the model's text "
+                f"context holds {tokens.shape[1]} tokens and cuts the class names off; use a shorter "
+                "prompt_template (or pretrain.templates), e.g. 'a photo of a {}.', or shorter class names"
+            )
+    full = [texts[i] for i in range(len(texts)) if tokens[i, -1] != 0]
+    if full:
+        warnings.warn(
+            f"{len(full)} prompt(s) fill the whole {tokens.shape[1]}-token text context and may be cut, "
+            f"e.g. {full[0]!r}; a shorter prompt_template keeps the class names whole",
+            stacklevel=2,
+        )
+    return tokens
 
 
 def resolve_device(spec: str = "auto") -> torch.device:

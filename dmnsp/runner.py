@@ -7,7 +7,6 @@ task reseeds from (seed, task), so both paths give bitwise-identical results on 
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,11 +17,11 @@ from .adapters import adapter_state_dict, load_adapter_state_dict
 from .checkpoint import TaskState, load_checkpoint
 from .config import ConfigError
 from .datasets import DatasetSplits, load_dataset
-from .devices import pick_device
+from .devices import available_cores, pick_device, set_threads
 from .evaluate import evaluate_seen
 from .layout import task_dir, write_task_outputs
 from .loaders import derive_seed
-from .model import create_clip
+from .model import create_clip, tokenize_prompts
 from .scenario import TaskDataset, build_scenario
 from .train import peak_memory_mb, train_task
 
@@ -30,7 +29,7 @@ from .train import peak_memory_mb, train_task
 def _num_workers(spec: int | str) -> int:
     if spec != "auto":
         return int(spec)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = available_cores()
     # Tiny images decode in microseconds: extra processes only pay off with spare cores.
     return 0 if cores <= 2 else min(8, cores - 1)
 
@@ -41,8 +40,7 @@ class Session:
     def __init__(self, cfg: dict, progress: bool = True, data: DatasetSplits | None = None) -> None:
         self.cfg = cfg
         self.progress = progress
-        if cfg["threads"]:
-            torch.set_num_threads(cfg["threads"])
+        set_threads(cfg["threads"])
         self.device = pick_device(cfg["device"])
         self.num_workers = _num_workers(cfg["num_workers"])
         self.bundle = create_clip(
@@ -62,6 +60,8 @@ class Session:
         )
         self.scenario = build_scenario(self.data, cfg)
         self.n_tasks = len(self.scenario.tasks)
+        # Prompts cut to identical tokens by a short text context stop the run before training.
+        tokenize_prompts(self.bundle.tokenizer, self.scenario.class_names, cfg["prompt_template"])
 
     @property
     def model(self) -> torch.nn.Module:

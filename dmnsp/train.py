@@ -18,7 +18,7 @@ from . import methods
 from .adapters import adapters
 from .loaders import cycle, derive_seed, make_loader
 from .methods import Method, MethodState, TaskContext
-from .model import clip_logits, encode_image, encode_text, prompts
+from .model import clip_logits, encode_image, encode_text, tokenize_prompts
 from .optim import describe, make_optimizer
 
 __all__ = ["NonFiniteError", "derive_seed", "lr_at", "inf_fraction", "peak_memory_mb", "train_task"]
@@ -169,7 +169,7 @@ def train_task(
         num_workers=num_workers,
         device=device,
     )
-    tokens = tokenizer(prompts(class_names, cfg["prompt_template"])).to(device)
+    tokens = tokenize_prompts(tokenizer, class_names, cfg["prompt_template"]).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     towers = {name: [p for a in adapters(model, name) for p in a.parameters()] for name in ("visual", "text")}
     before = {name: [p.detach().clone() for p in ps] for name, ps in towers.items()}

@@ -236,10 +236,16 @@ def test_axes_fall_back_to_run_keys():
     assert run.n_tasks == 20
 
 
-def test_imagefolder_needs_a_class_count():
+def test_imagefolder_counts_its_class_folders_at_planning(tmp_path):
     base = spec(datasets=["imagefolder"], methods=["zeroshot"], seeds=[0])
-    with pytest.raises(ConfigError, match="class_order"):
+    base["run"] = {"dataset_root": str(tmp_path / "none")}
+    with pytest.raises(ConfigError, match="'dataset_root'.*no folder.*num_classes"):
         expand_experiment("e", base)
+    for name in ("b", "a", "c", "d"):  # the tree counts; no image is read at planning
+        (tmp_path / "tree" / "train" / name).mkdir(parents=True)
+    (tmp_path / "tree" / "train" / "notes.txt").write_text("a file is not a class")
+    runs, _ = expand_experiment("e", {**base, "run": {"dataset_root": str(tmp_path / "tree")}})
+    assert runs[0].n_tasks == 2
     runs, _ = expand_experiment("e", {**base, "num_classes": 12})
     assert runs[0].n_tasks == 6
     runs, _ = expand_experiment("e", {**base, "run": {"class_order": list(range(8)), "pretrained": None}})

@@ -392,10 +392,13 @@ def _bad_values(prop: dict) -> st.SearchStrategy:
     if "exclusiveMinimum" in prop:
         options.append(st.floats(-1e6, prop["exclusiveMinimum"]))
     if "maximum" in prop:
-        options.append(
-            st.floats(prop["maximum"], 1e6, exclude_min=True).filter(lambda x: not x.is_integer())
-            | st.integers(math.floor(prop["maximum"]) + 1, 10**6)
-        )
+        top = math.floor(prop["maximum"])
+        above = st.integers(top + 1, max(10**6, 4 * top))  # seeds are bounded at 2**63-1
+        if prop["maximum"] < 1e6:
+            above = (
+                st.floats(prop["maximum"], 1e6, exclude_min=True).filter(lambda x: not x.is_integer()) | above
+            )
+        options.append(above)
     if "enum" in prop and "string" in types:
         options.append(st.text(max_size=10).filter(lambda s: s not in prop["enum"]))
     if "pattern" in prop and "string" in types:

@@ -11,6 +11,7 @@ import pytest
 
 from dmnsp import layout
 from dmnsp import metrics as M
+from dmnsp.config import ConfigError
 
 nan = math.nan
 
@@ -227,5 +228,9 @@ def test_run_metrics_incomplete_and_empty(tmp_path):
     assert out["complete"] is False and out["n_tasks_done"] == 2 and out["n_tasks"] == 3
     assert out["last"] == pytest.approx(0.7)  # last step reached so far, flagged by complete=False
     assert out["accuracy_per_step"][2] is None
+    (tmp_path / "nothing").mkdir()
     empty = layout.write_run_metrics(tmp_path / "nothing")
     assert empty["avg"] is None and empty["complete"] is False and empty["n_tasks_done"] == 0
+    with pytest.raises(ConfigError, match="does not exist"):  # a missing folder is not created
+        layout.write_run_metrics(tmp_path / "missing")
+    assert not (tmp_path / "missing").exists()

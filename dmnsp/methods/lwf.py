@@ -70,7 +70,7 @@ class LwF(Method):
         import torch
 
         from ..adapters import TOWERS, tower_blocks
-        from ..model import encode_text, prompts
+        from ..model import encode_text, tokenize_prompts
 
         self.frozen: list[nn.Module] | None = None
         self.terms: list[float] = []
@@ -79,7 +79,9 @@ class LwF(Method):
         blocks = [block for tower in TOWERS for block in tower_blocks(ctx.model, tower)]
         self.frozen = [copy.deepcopy(block.adapter).eval().requires_grad_(False) for block in blocks]
         template = ctx.cfg["prompt_template"]
-        self.old_tokens = ctx.tokenizer(prompts(list(ctx.previous_class_names), template)).to(ctx.device)
+        self.old_tokens = tokenize_prompts(ctx.tokenizer, list(ctx.previous_class_names), template).to(
+            ctx.device
+        )
         with (
             torch.no_grad(),
             swapped_adapters(ctx.model, self.frozen),

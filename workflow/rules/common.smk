@@ -8,10 +8,14 @@ from functools import cache
 from snakemake.exceptions import WorkflowError
 
 from dmnsp import layout
-from dmnsp.config import ConfigError
+from dmnsp.config import ConfigError, read_yaml_file
 from dmnsp.experiments import cli_json, cli_sets, expand_all, resources_for
 
 try:
+    # Snakemake parses the config files itself and keeps the last of a key written twice: read
+    # them again with dmnsp's reader, which refuses that (and non-UTF-8 text), naming the key.
+    for _configfile in workflow.configfiles:
+        read_yaml_file(_configfile, "workflow config")
     PLAN = expand_all(config)
 except ConfigError as exc:
     raise WorkflowError(f"invalid workflow config: {exc}") from None
