@@ -331,6 +331,7 @@ def train_task_job(cfg_path: Path, task: int, resume: Path | None, out: Path) ->
         "compute": compute,
         "overhead": res["seconds"] - compute,
         "seconds": diag["seconds"],
+        "peak_mem_mb": diag.get("peak_mem_mb"),
         "maxrss_mb": res["maxrss_mb"],
     }
 
