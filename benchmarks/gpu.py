@@ -82,6 +82,17 @@ def _dist(name: str) -> str:
     return re.sub(r"[-_.]+", "_", name).lower()
 
 
+def compatible(wheel: Path) -> bool:
+    """Whether this interpreter can import ``wheel`` (its python and ABI tags; Linux x86_64 assumed)."""
+    py, abi, _platform = wheel.stem.split("-")[-3:]
+    minor = sys.version_info.minor
+    if abi == "abi3":  # stable ABI: any CPython at least as new as the one it was built for
+        return any(t.startswith("cp3") and int(t[3:]) <= minor for t in py.split("."))
+    if py.startswith("cp"):
+        return f"cp3{minor}" in py.split(".")
+    return True  # pure Python (py3-none-any)
+
+
 def install_wheels(wheels: list[Path], site: Path) -> str:
     """pip install --no-index --no-deps --target; without pip, unzip (a wheel is a site-packages tree)."""
     site.mkdir(parents=True, exist_ok=True)
@@ -105,12 +116,16 @@ def ensure_imports() -> None:
             f"gpu.py: still cannot import {', '.join(missing)} after installing .whl/ into {SITE}"
         )
     wanted = {_dist(NEEDED[m]) for m in missing}
-    wheels = sorted(w for w in WHEELS.glob("*.whl") if _dist(w.name.split("-")[0]) in wanted)
+    wheels = sorted(
+        w for w in WHEELS.glob("*.whl") if _dist(w.name.split("-")[0]) in wanted and compatible(w)
+    )
     lacking = wanted - {_dist(w.name.split("-")[0]) for w in wheels}
     if lacking:
         raise SystemExit(
-            f"gpu.py: cannot import {', '.join(missing)} and {WHEELS} has no wheel for {', '.join(sorted(lacking))}: "
-            "run `bash benchmarks/gpu_wheels.sh` where PyPI is reachable and bring .whl/ along"
+            f"gpu.py: cannot import {', '.join(missing)} and {WHEELS} has no wheel for "
+            f"{', '.join(sorted(lacking))} that CPython {platform.python_version()} can use: run "
+            f"`PYVERS={sys.version_info.major}.{sys.version_info.minor} bash benchmarks/gpu_wheels.sh` "
+            "where PyPI is reachable and bring .whl/ along"
         )
     how = install_wheels(wheels, SITE)
     print(f"gpu.py: {len(wheels)} wheels for {', '.join(missing)} -> {SITE} ({how}); restarting", flush=True)

@@ -3,14 +3,15 @@
 # torchvision, timm, pandas and matplotlib (and with them numpy, pyyaml, pillow, tqdm, safetensors,
 # huggingface_hub) but not open_clip_torch, ftfy or jsonschema. Run where PyPI is reachable, from
 # the repository root; the wheels land in .whl/ (ignored by git), which gpu.py installs from when
-# an import fails. Versions are those the project is tested with; binary wheels are for CPython
-# $PYVER (default 3.12) on manylinux x86_64.
+# an import fails (it picks the wheels its own interpreter can use). Versions are those the project
+# is tested with; binary wheels are for each CPython in $PYVERS (default 3.12) on manylinux x86_64.
 #
-#   bash benchmarks/gpu_wheels.sh              # CPython 3.12 wheels into .whl/
-#   PYVER=3.11 DEST=/tmp/w bash benchmarks/gpu_wheels.sh
+#   bash benchmarks/gpu_wheels.sh                          # CPython 3.12 wheels into .whl/
+#   PYVERS="3.11 3.12 3.13" bash benchmarks/gpu_wheels.sh  # when the GPU machine's Python is unknown
+#   PYVERS=3.11 DEST=/tmp/w bash benchmarks/gpu_wheels.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PYVER="${PYVER:-3.12}"
+PYVERS="${PYVERS:-3.12}"
 DEST="${DEST:-.whl}"
 PY="${PY:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}"
 WHEELS=(
@@ -24,10 +25,12 @@ WHEELS=(
   hypothesis==6.170.17 sortedcontainers==2.4.0
 )
 mkdir -p "$DEST"
-for wheel in "${WHEELS[@]}"; do
-  "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version "$PYVER" --implementation cp \
-    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-    -d "$DEST" "$wheel"
+for pyver in $PYVERS; do
+  for wheel in "${WHEELS[@]}"; do
+    "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version "$pyver" --implementation cp \
+      --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+      -d "$DEST" "$wheel"
+  done
 done
 # Each wheel's own requirements, to check that nothing else is missing on the GPU machine.
 for f in "$DEST"/*.whl; do
