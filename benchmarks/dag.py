@@ -153,8 +153,7 @@ def planning(quick: bool, tmp: Path, reps: int, baseline: Path | None, all_confi
     for rep in range(reps):  # side by side: every config and tree once per repetition
         for name, path in configs.items():
             for tree_name, tree in trees.items():
-                work = tmp / f"dry-{len(runs)}-{rep}"
-                work.mkdir()
+                work = Path(tempfile.mkdtemp(prefix="dry-", dir=tmp))
                 res = dry_run(tree, path, work)
                 runs.setdefault((tree_name, name), []).append(res)
                 print(
@@ -205,10 +204,10 @@ def planning(quick: bool, tmp: Path, reps: int, baseline: Path | None, all_confi
 
 PROFILE_PARTS = {
     "DAG building (DAG.init)": "snakemake/dag.py:{}(init)",
-    "  of which resource callables' signatures (inspect.signature)": "inspect.py:{}(signature)",
     "printing every job (Job.log_info)": "snakemake/jobs.py:{}(log_info)",
     "  of which resources (Rule.expand_resources)": "snakemake/rules.py:{}(expand_resources)",
     "  of which shell commands (Job.shellcmd)": "snakemake/jobs.py:{}(shellcmd)",
+    "signatures of input functions, params, resources (inspect.signature), in both": "inspect.py:{}(signature)",
 }
 
 
@@ -231,7 +230,9 @@ def profile_grid(tmp: Path) -> None:
         )
         rows.append([label, f"{ct:.1f} s", f"{100 * ct / total:.0f} %"])
     print(table(rows, ["cifar100-2-2 grid dry-run under cProfile", "cumulative", f"of {total:.0f} s"]))
-    print("  (signatures are also inspected for input functions and params; printing re-evaluates resources)")
+    print(
+        "  (a dry-run evaluates every job's resources only to print them; a real run when it submits the job)"
+    )
 
 
 # ------------------------------------------------------------------------------------ job overhead
