@@ -8,7 +8,8 @@ Every measurement is a fresh interpreter, as every workflow job is. In the child
 ``train-task`` job makes (``dmnsp.cli`` and the modules ``cmd_train_task`` and the error handling
 load), then ``create_clip`` with random weights (ViT-B-16: open_clip's own initialisation of
 150 M parameters, adapters r = 64). Reported: the child's wall time as seen from here (interpreter
-start and exit included), its import and model-build seconds, the first-import cumulative times of
+start and exit included), its import seconds (from its first line: interpreter start not included)
+and model-build seconds, the first-import cumulative times of
 the big libraries (``-X importtime``), and whether any table/plot/search library was imported.
 """
 
@@ -21,9 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import ROOT, child_env, fmt_s, load_line, machine_line, median, python, run_measured, table  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 HEAVY = ("pandas", "matplotlib", "optuna", "scipy", "sqlalchemy", "snakemake", "tabulate")
 LIBS = ("torch", "torchvision", "open_clip", "timm", "numpy", "yaml", "jsonschema")
@@ -60,6 +59,8 @@ def import_times(stderr: str) -> dict[str, float]:
 
 
 def measure(tree: Path, model: str, importtime: bool) -> dict:
+    from common import child_env, python, run_measured
+
     cmd = [python(), *(["-X", "importtime"] if importtime else []), __file__, "--child", str(tree), model]
     env = child_env(1)
     env["PYTHONPATH"] = os.pathsep.join([str(tree), *filter(None, [env.get("PYTHONPATH")])])
@@ -77,9 +78,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline", type=Path, help="another checkout to measure side by side")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.child:
+    if args.child:  # nothing imported before the clock starts (common.py would import torch)
         child(*args.child)
         return 0
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from common import fmt_s, load_line, machine_line, median, table
+
     print(machine_line())
     models = ["dmnsp-tiny"] if args.quick else ["dmnsp-tiny", "ViT-B-16"]
     trees = {"this tree": ROOT} if args.baseline is None else {"baseline": args.baseline, "this tree": ROOT}
