@@ -118,9 +118,27 @@ def _chunks(view: memoryview) -> Iterator[memoryview]:
         yield view[start : start + CHUNK]
 
 
-def _to_disk(t: torch.Tensor) -> torch.Tensor:
-    """CPU, contiguous, little-endian-ready (a copy only where the tensor is not already so)."""
-    return t.detach().to("cpu").contiguous()
+def _storage(t: torch.Tensor) -> torch.Tensor:
+    """The whole storage under CPU tensor ``t``, as a flat tensor of its dtype (no copy)."""
+    n = t.untyped_storage().nbytes() // t.element_size()
+    return torch.empty(0, dtype=t.dtype).set_(t.untyped_storage(), 0, (n,), (1,))
+
+
+def _on_disk(t: torch.Tensor) -> tuple[int, dict | None]:
+    """Elements of the storage written for ``t``, and its view of that storage when it is not
+    simply all of it in row-major order.
+
+    The memory layout is kept, not only the values: the bases are column-major slices of an
+    eigenvector matrix, and a resumed task must do the same arithmetic (BLAS takes another path,
+    and rounds differently, on a row-major copy) for per-task jobs to equal a run in one process
+    bit for bit, as format 1 (``torch.save``) did. Like ``torch.save`` after ``.cpu()``: a CPU
+    tensor keeps its whole storage and offset; a GPU tensor is what ``.to("cpu")`` makes of it.
+    """
+    cpu = t if t.device.type == "cpu" else torch.empty_like(t, device="cpu")  # .to("cpu")'s layout
+    n = cpu.untyped_storage().nbytes() // cpu.element_size()
+    if cpu.is_contiguous() and cpu.storage_offset() == 0 and cpu.numel() == n:
+        return n, None
+    return n, {"shape": list(cpu.shape), "stride": list(cpu.stride()), "offset": cpu.storage_offset()}
 
 
 # ------------------------------------------------------------------------------------ save
@@ -136,17 +154,21 @@ def _tensors(state: TaskState, rng: torch.Tensor) -> dict[str, torch.Tensor]:
 
 def _header(meta: dict[str, str], tensors: dict[str, torch.Tensor]) -> bytes:
     entries: dict[str, Any] = {"__metadata__": {"sha256": "0" * DIGEST_LEN, **meta}}
-    offset = 0
+    views, offset = {}, 0
     for name, t in tensors.items():
         if t.dtype not in DTYPE_NAMES:
             raise TypeError(f"tensor {name} has dtype {t.dtype}, which a checkpoint cannot hold")
-        nbytes = t.numel() * t.element_size()
+        n, view = _on_disk(t)
+        if view is not None:
+            views[name] = view
+        nbytes = n * t.element_size()
         entries[name] = {
             "dtype": DTYPE_NAMES[t.dtype],
-            "shape": list(t.shape),
+            "shape": list(t.shape) if view is None else [n],
             "data_offsets": [offset, offset + nbytes],
         }
         offset += nbytes
+    entries["__metadata__"]["views"] = json.dumps(views, separators=(",", ":"))
     header = json.dumps(entries, separators=(",", ":")).encode()
     assert header.startswith(DIGEST_PREFIX)
     return header + b" " * (-len(header) % 8)  # tensor data 8-byte aligned, as safetensors does
@@ -158,8 +180,11 @@ def _write(fh: BinaryIO, header: bytes, tensors: dict[str, torch.Tensor]) -> Non
     digest.update(head)
     fh.write(head)
     for t in tensors.values():
-        t = _to_disk(t)  # one tensor at a time: a GPU tensor is copied while it is written, then freed
-        for chunk in _chunks(_byte_view(t)):
+        n, view = _on_disk(t)
+        cpu = t.detach().to("cpu")  # one tensor at a time: a GPU tensor is copied, written, freed
+        if _on_disk(cpu) != (n, view):
+            raise RuntimeError(f"a {list(t.shape)} tensor's layout on the CPU differs from the header's")
+        for chunk in _chunks(_byte_view(_storage(cpu))):
             digest.update(chunk)
             fh.write(chunk)
     fh.seek(DIGEST_OFFSET)
@@ -293,6 +318,7 @@ def _state_v2(path: Path, meta: dict, tensors: dict[str, torch.Tensor]) -> tuple
         raise _malformed(path, "no readable 'state' metadata") from None
     if not isinstance(body, dict):
         raise _malformed(path, "'state' metadata is not a JSON object")
+    _apply_views(path, meta, tensors)
     adapters: dict[str, torch.Tensor] = {}
     bases: dict[str, dict[int, torch.Tensor]] = {}
     for name, t in tensors.items():
@@ -322,6 +348,39 @@ def _state_v2(path: Path, meta: dict, tensors: dict[str, torch.Tensor]) -> tuple
         if len({v.shape[0] for v in lists[tower]}) > 1:
             raise _malformed(path, f"bases of the {tower} tower have different row counts")
     return body, TaskState(-1, adapters, lists, [])
+
+
+def _ints(x: Any) -> bool:
+    return isinstance(x, list) and all(type(i) is int and i >= 0 for i in x)
+
+
+def _apply_views(path: Path, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """Turn stored storages back into the strided views they were saved from (see _on_disk)."""
+    try:
+        views = json.loads(meta.get("views", "{}"))
+    except (TypeError, ValueError):
+        raise _malformed(path, "unreadable 'views' metadata") from None
+    if not isinstance(views, dict):
+        raise _malformed(path, "'views' metadata is not a JSON object")
+    for name, view in views.items():
+        storage = tensors.get(name)
+        if storage is None or storage.dim() != 1:
+            raise _malformed(path, f"a view of {name!r} without a 1-D storage of that name")
+        if not isinstance(view, dict) or set(view) != {"shape", "stride", "offset"}:
+            raise _malformed(path, f"bad view of {name!r}")
+        shape, stride, offset = view["shape"], view["stride"], view["offset"]
+        if not (_ints(shape) and _ints(stride) and len(shape) == len(stride) and _ints([offset])):
+            raise _malformed(path, f"bad view of {name!r}: {view}")
+        last = (
+            offset + sum((n - 1) * s for n, s in zip(shape, stride, strict=True))
+            if all(shape)
+            else offset - 1
+        )
+        if last >= storage.numel():
+            raise _malformed(
+                path, f"the view of {name!r} reaches past its storage of {storage.numel()} elements"
+            )
+        tensors[name] = storage.as_strided(shape, stride, offset)
 
 
 def _read_v1(path: Path, fh: BinaryIO) -> tuple[dict, TaskState]:

@@ -273,12 +273,45 @@ def test_wrong_task_and_missing_file(tmp_path, make_config):
         load_checkpoint(tmp_path / "none.pt", cfg)
 
 
-def test_noncontiguous_and_autograd_tensors_are_saved_as_values(tmp_path, make_config):
+def test_memory_layout_of_views_is_kept(tmp_path, make_config):
+    """Bases are column-major slices of an eigenvector matrix (LAPACK's layout, offset by the
+    dropped column): a resumed task must see the same strides and offset, or BLAS takes another
+    path and rounds differently than a run in one process."""
     cfg = make_config()
-    base = torch.randn(14, 8)
+    gram = torch.randn(16, 16, dtype=torch.float64)
+    vectors = torch.linalg.eigh(gram @ gram.T)[1].float()  # column-major 16 x 16
+    basis = vectors[:, 1:]  # what the faithful basis keeps: a view with offset 16, strides (1, 16)
+    transposed = torch.randn(14, 16).t()
     adapter = torch.randn(4, 8, requires_grad=True)
-    state = TaskState(0, {"a.adapter.w": adapter}, {"visual": [base.t()]}, [0, 1])
+    state = TaskState(0, {"a.adapter.w": adapter}, {"visual": [basis, transposed]}, [0, 1])
     got = load_checkpoint(save_checkpoint(tmp_path / "c.pt", state, cfg), cfg)
-    assert torch.equal(got.bases["visual"][0], base.t()) and got.bases["visual"][0].is_contiguous()
+    for a, b in zip(got.bases["visual"], state.bases["visual"], strict=True):
+        assert torch.equal(a, b)
+        assert (a.shape, a.stride(), a.storage_offset()) == (b.shape, b.stride(), b.storage_offset())
+    x = torch.randn(32, 16)
+    assert torch.equal(x @ got.bases["visual"][0], x @ basis)  # the same arithmetic, bit for bit
     assert torch.equal(got.adapters["a.adapter.w"], adapter.detach())
     assert not got.adapters["a.adapter.w"].requires_grad
+
+
+def test_views_reaching_past_their_storage_are_refused(tmp_path, make_config):
+    cfg = make_config()
+    state = TaskState(0, {}, {"visual": [torch.randn(14, 8).t()]}, [0, 1])
+    path = save_checkpoint(tmp_path / "c.pt", state, cfg)
+    data, n, header = _parse(path)
+    views = json.loads(header["__metadata__"]["views"])
+    assert views == {"bases/visual/0": {"shape": [8, 14], "stride": [1, 8], "offset": 0}}
+    for bad, match in [
+        ({"shape": [8, 14], "stride": [1, 9], "offset": 0}, "reaches past its storage"),
+        ({"shape": [8, 14], "stride": [1, 8], "offset": 1}, "reaches past its storage"),
+        ({"shape": [8, 14], "stride": [1, -8], "offset": 0}, "bad view"),
+        ({"shape": [8, 14], "stride": [1], "offset": 0}, "bad view"),
+    ]:
+        h = json.loads(json.dumps(header))
+        h["__metadata__"]["views"] = json.dumps({"bases/visual/0": bad})
+        _rewrite(path, h, data[8 + n :])
+        _one_line_error(path, cfg, match)
+    h = json.loads(json.dumps(header))
+    h["__metadata__"]["views"] = json.dumps({"bases/visual/7": views["bases/visual/0"]})
+    _rewrite(path, h, data[8 + n :])
+    _one_line_error(path, cfg, "without a 1-D storage")
