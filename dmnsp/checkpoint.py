@@ -3,7 +3,11 @@
 Format 2 is a safetensors file (any safetensors reader opens it): an 8-byte little-endian header
 length, a JSON header naming every tensor's dtype, shape and byte range, then the raw tensor bytes.
 The header's ``__metadata__`` holds, first, the SHA-256 of the whole file (computed with those 64
-hex digits set to ``0``), then the format name and version and the non-tensor state as JSON.
+hex digits set to ``0``), then the format name and version, the non-tensor state as JSON, and the
+``views``: a tensor that is not simply all of its storage in row-major order (the bases are
+column-major slices of eigenvector matrices) is stored as its whole storage, 1-D, with its shape,
+strides and offset here, so that it comes back with the memory layout it had, as ``torch.save``
+kept it: resumed tasks then do the same arithmetic as a run in one process, bit for bit.
 
 Tensors go between memory and disk without intermediate copies: saving hashes and writes each
 tensor's own memory, loading reads straight into freshly allocated tensors while hashing, so a load
