@@ -107,8 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(tmp)
         data = fashion_root(tmp / "data").resolve()
         for rep in range(args.reps):
-            for value in args.values:
-                r = run_once(args.config, args.key, value, args.cores, data, tmp / f"{value}-{rep}")
+            for i, value in enumerate(args.values):
+                r = run_once(args.config, args.key, value, args.cores, data, tmp / f"{i}-{value}-{rep}")
                 runs.setdefault(value, []).append(r)
                 print(
                     f"  [{rep + 1}/{args.reps}] {args.key}={value}: wall {fmt_s(r['seconds'])}, "
