@@ -3,7 +3,11 @@
 # munged by the PIDs in their pid files under $DMNSP_SLURM_DIR (never by process name).
 #
 #   sudo .ci/slurm_down.sh           # keep $DMNSP_SLURM_DIR (logs, state) for inspection
-#   sudo .ci/slurm_down.sh --purge   # also delete it and the /etc/slurm/slurm.conf it wrote
+#   sudo .ci/slurm_down.sh --purge   # also delete it
+#
+# The /etc/slurm/slurm.conf that slurm_up.sh wrote goes either way once slurmctld is stopped: with
+# it and no controller, every `scontrol` waits ~9 s before failing, and Snakemake's slurm executor
+# plugin runs `scontrol show config` whenever Snakemake starts (any executor, dry-runs included).
 set -uo pipefail
 
 DIR="${DMNSP_SLURM_DIR:-/tmp/dmnsp-slurm}"
@@ -34,8 +38,8 @@ for name in slurmd slurmctld munged; do
   echo "slurm_down: stopped $name ($pid)" >&2
 done
 
+if ours && ! running "$DIR/run/slurmctld.pid"; then rm -f "$CONF"; fi
 if [ "${1:-}" = --purge ]; then
-  if ours; then rm -f "$CONF"; fi
   rm -rf "$DIR"
 fi
 exit 0

@@ -179,7 +179,8 @@ def child_env(threads: int | None = None) -> dict:
 def run_measured(
     cmd: Sequence[str], cwd: Path | None = None, env: dict | None = None, timeout: float = 3600
 ) -> dict:
-    """Run ``cmd``: wall seconds, exit code, output, and the child's own peak RSS (MiB, ``os.wait4``)."""
+    """Run ``cmd``: wall seconds, exit code, output, and the child's own CPU seconds (user + system)
+    and peak RSS (MiB), both from ``os.wait4``."""
     import tempfile
 
     env = env or child_env()
@@ -200,7 +201,13 @@ def run_measured(
         proc.returncode = os.waitstatus_to_exitcode(status)
         log.seek(0)
         out = log.read()
-    return {"seconds": seconds, "rc": proc.returncode, "output": out, "maxrss_mb": usage.ru_maxrss / 1024}
+    return {
+        "seconds": seconds,
+        "cpu_seconds": usage.ru_utime + usage.ru_stime,
+        "rc": proc.returncode,
+        "output": out,
+        "maxrss_mb": usage.ru_maxrss / 1024,
+    }
 
 
 def write_yaml(path: Path, cfg: dict) -> Path:

@@ -3,6 +3,7 @@ except the null-space bases (D × (D-1) floats per layer per task in faithful mo
 
     .venv/bin/python benchmarks/memory.py            # tiny 5-task run + ViT-B-16 job phases (~5 min)
     .venv/bin/python benchmarks/memory.py --quick    # tiny run only, few steps (under a minute)
+    .venv/bin/python benchmarks/memory.py --checkpoint-only [--baseline DIR]   # checkpoint I/O only
 
 Each measurement runs in a fresh child process. The peak resident set (VmHWM) is reset before
 each phase by writing 5 to /proc/self/clear_refs (Linux), so every phase and every task has its
@@ -18,6 +19,12 @@ Part 2, ViT-B-16 (random init, adapters r=64; Fashion-MNIST resized to 224 px as
 phases of a resumed ``train-task`` job at task 9 with 9 tasks of bases in its checkpoint: imports,
 session (data + model), checkpoint load, one training step of batch 8 + bases + evaluation,
 checkpoint save.
+
+Part 3, checkpoint I/O: a ViT-B-16 faithful state with 35 tasks of visual bases (12 layers x 768 x
+35*767 float32, ~1 GB; 2-2 at task 49 carries 1.4 GB) and ViT-B-16-sized adapters, saved by one
+child and loaded by another: peak RSS above the RSS before the call, as a multiple of the file's
+size (target: at most 1.3x for both). ``--baseline DIR`` measures DIR's ``dmnsp.checkpoint`` too
+(e.g. a checkout of the commit before format 2), alternating with this tree's.
 """
 
 from __future__ import annotations
@@ -208,6 +215,61 @@ def child_vit(cfg_path: str, resume: str, out_dir: str) -> None:
     phase("checkpoint save", t0, file_mib=(Path(out_dir) / "checkpoint.pt").stat().st_size / MiB)
 
 
+def _state_of_size(tasks: int):
+    """A ViT-B-16 task state: faithful visual bases of ``tasks`` tasks and r = 64 adapters."""
+    import torch
+
+    from dmnsp.checkpoint import TaskState
+
+    width, layers, r = 768, 12, 64
+    bases = {"visual": [torch.ones(width, tasks * (width - 1)) for _ in range(layers)]}
+    adapters = {}
+    for tower, w in (("visual", width), ("text", 512)):
+        for i in range(layers):
+            key = f"{tower}.transformer.resblocks.{i}.adapter"
+            adapters[f"{key}.down.weight"] = torch.randn(r, w)
+            adapters[f"{key}.down.bias"] = torch.randn(r)
+            adapters[f"{key}.up.weight"] = torch.randn(w, r)
+            adapters[f"{key}.up.bias"] = torch.randn(w)
+    return TaskState(tasks - 1, adapters, bases, list(range(2 * tasks)))
+
+
+def child_checkpoint(op: str, tree: str, path: str, tasks: int) -> None:
+    """Save (``op = save``) or load one checkpoint with ``tree``'s dmnsp; peak RSS of the call."""
+    sys.path.insert(0, tree)
+    import open_clip  # noqa: F401 - imported in every train-task job before it saves (format 1 asked it its version)
+    import torch  # noqa: F401
+
+    from dmnsp.checkpoint import load_checkpoint, save_checkpoint
+    from dmnsp.config import validate
+
+    cfg = validate({"dataset": "fashion-mnist", "model_name": "dmnsp-tiny", "pretrained": None})
+    state = _state_of_size(tasks) if op == "save" else None
+    resettable = _reset_peak()
+    start = _status()["VmRSS"] if resettable else _peak(False)
+    t0 = time.perf_counter()
+    if op == "save":
+        save_checkpoint(path, state, cfg)
+    else:
+        state = load_checkpoint(path, cfg, expect_task=tasks - 1)
+    seconds = time.perf_counter() - t0
+    peak = _peak(resettable)
+    print(
+        json.dumps(
+            {
+                "op": op,
+                "start": start,
+                "peak": peak,
+                "seconds": seconds,
+                "file_mib": Path(path).stat().st_size / MiB,
+                "resettable": resettable,
+                "module": sys.modules["dmnsp.checkpoint"].__file__,
+            }
+        ),
+        flush=True,
+    )
+
+
 # ------------------------------------------------------------------------------------ in the parent
 
 
@@ -382,12 +444,81 @@ def vit(tmp: Path) -> list[list]:
     ]
 
 
+def checkpoint_io(tmp: Path, tasks: int, baseline: Path | None, reps: int) -> list[list]:
+    from common import ROOT
+
+    trees = {"this tree": ROOT} if baseline is None else {"baseline": baseline, "this tree": ROOT}
+    results: dict[tuple[str, str], list[dict]] = {}
+    for rep in range(reps):
+        for name, tree in trees.items():
+            path = tmp / f"ckpt-{name.replace(' ', '-')}.pt"
+            for op in ("save", "load"):
+                res = run_measured(
+                    [python(), __file__, "--child-checkpoint", op, str(tree), str(path), str(tasks)],
+                    timeout=3600,
+                )
+                if res["rc"] != 0:
+                    raise RuntimeError(res["output"][-3000:])
+                (line,) = _lines(res["output"])
+                results.setdefault((name, op), []).append(line)
+                print(
+                    f"  [{rep + 1}/{reps}] {name}: {op} {line['file_mib']:.0f} MiB in {line['seconds']:.1f} s, "
+                    f"peak {line['peak'] - line['start']:+.0f} MiB = {(line['peak'] - line['start']) / line['file_mib']:.2f}x "
+                    f"({line['module']}); {load_line()}",
+                    flush=True,
+                )
+            path.unlink()
+    rows, targets = [], []
+    for (name, op), lines in results.items():
+        multiples = [(x["peak"] - x["start"]) / x["file_mib"] for x in lines]
+        worst = max(multiples)
+        rows.append(
+            [
+                name,
+                op,
+                f"{lines[0]['file_mib']:.0f} MiB",
+                ", ".join(f"{x['peak'] - x['start']:+.0f}" for x in lines),
+                ", ".join(f"{m:.2f}x" for m in multiples),
+                ", ".join(f"{x['seconds']:.1f} s" for x in lines),
+            ]
+        )
+        targets.append(
+            [
+                f"checkpoint {op} ({name}): peak RSS above the start / file size",
+                f"{worst:.2f}x of {lines[0]['file_mib']:.0f} MiB (worst of {len(lines)})",
+                "<= 1.3x",
+                "PASS" if worst <= 1.3 else "MISS",
+            ]
+        )
+    how = "VmHWM reset before the call" if results[next(iter(results))][0]["resettable"] else "ru_maxrss"
+    print(
+        table(
+            rows,
+            ["tree", "operation", "file", f"peak above start, MiB ({how})", "x file size", "seconds"],
+        )
+    )
+    return targets
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny run with 5 steps per task; no ViT-B-16")
     parser.add_argument("--child-tiny", help=argparse.SUPPRESS)
     parser.add_argument("--child-vit", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--child-checkpoint", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--checkpoint-only", action="store_true", help="only the checkpoint I/O part")
+    parser.add_argument(
+        "--checkpoint-tasks",
+        type=int,
+        help="tasks of bases in the checkpoint (default 35: ~1 GB; --quick 10)",
+    )
+    parser.add_argument("--baseline", type=Path, help="another checkout whose checkpoint I/O to measure too")
+    parser.add_argument("--reps", type=int, default=2, help="repetitions of the checkpoint I/O part")
     args = parser.parse_args(argv)
+    if args.child_checkpoint:
+        op, tree, path, tasks = args.child_checkpoint
+        child_checkpoint(op, tree, path, int(tasks))
+        return 0
     if args.child_tiny:
         child_tiny(args.child_tiny)
         return 0
@@ -397,11 +528,15 @@ def main(argv: list[str] | None = None) -> int:
     print(machine_line())
     targets = []
     with tempfile.TemporaryDirectory(prefix="dmnsp-bench-mem-") as tmp:
-        print("\n== tiny CLIP, 5 tasks in one process ==", flush=True)
-        targets += tiny(Path(tmp), args.quick)
-        if not args.quick:
-            print("\n== ViT-B-16, one train-task job ==", flush=True)
-            targets += vit(Path(tmp))
+        if not args.checkpoint_only:
+            print("\n== tiny CLIP, 5 tasks in one process ==", flush=True)
+            targets += tiny(Path(tmp), args.quick)
+            if not args.quick:
+                print("\n== ViT-B-16, one train-task job ==", flush=True)
+                targets += vit(Path(tmp))
+        tasks = args.checkpoint_tasks or (10 if args.quick else 35)
+        print(f"\n== checkpoint I/O: {tasks} tasks of ViT-B-16 faithful bases ==", flush=True)
+        targets += checkpoint_io(Path(tmp), tasks, args.baseline, 1 if args.quick else args.reps)
     print("\n== targets ==")
     print(table(targets, ["target", "measured", "target", "verdict / note"]))
     return 0

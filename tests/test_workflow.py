@@ -128,6 +128,55 @@ def test_one_method_one_split_counts(tmp_path):
     assert counts["train_task"] == 30 and counts["prepare_run"] == 3
 
 
+def _planned_jobs(output: str) -> list[dict]:
+    """Every job block of a dry-run: rule, wildcards, threads and resources as printed."""
+    jobs = []
+    for line in output.splitlines():
+        if m := re.match(r"^(?:local)?rule (\w+):$", line):
+            jobs.append({"rule": m.group(1), "threads": 1})
+        elif jobs and (m := re.match(r"^    (wildcards|threads|resources): (.*)$", line)):
+            key, value = m.groups()
+            if key == "threads":
+                jobs[-1]["threads"] = int(value)
+            else:
+                jobs[-1][key] = dict(item.split("=", 1) for item in value.split(", "))
+    return jobs
+
+
+def test_job_resources_follow_the_table_per_job(tmp_path):
+    """Resources are plain values where all jobs of a rule agree and per-job lookups where they
+    differ (by dataset, by a run's own threads): each job must still get its own row's values."""
+    cfg = yaml.safe_load(MINI.read_text())
+    small = cfg["experiments"]["test"]
+    small.update(methods=["finetune"], pretrain_first=False)
+    small["run"]["pretrained"] = None
+    big = json.loads(json.dumps(small))
+    big.update(datasets=["cifar100"], splits=["50-50"])
+    big["run"]["threads"] = 3
+    cfg["experiments"]["big"] = big
+    cfg["resources"] = [
+        {"mem_mb": 1000, "runtime": 5, "threads": 1},
+        {"rule": "train_task", "dataset": "cifar100", "mem_mb": 7000, "runtime": 50, "gpu": 1},
+        {"rule": "aggregate_results", "mem_mb": 2500},
+    ]
+    path = tmp_path / "resources.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    work = tmp_path / "work"
+    work.mkdir()
+    proc = snakemake("-n", "--cores", "8", "--configfile", str(path), cwd=work)
+    jobs = [j for j in _planned_jobs(proc.stdout + proc.stderr) if j["rule"] != "all"]
+    assert {j["rule"] for j in jobs} == {"prepare_run", "train_task", "compute_metrics", "aggregate_results"}
+    for job in jobs:
+        res, experiment = job["resources"], job["wildcards"]["experiment"]
+        on_big = job["rule"] == "train_task" and experiment == "big"
+        expected_mem = 7000 if on_big else 2500 if job["rule"] == "aggregate_results" else 1000
+        assert int(res["mem_mb"]) == expected_mem, job
+        assert int(res["runtime"]) == (50 if on_big else 5), job
+        assert job["threads"] == (3 if on_big else 1), job
+        if job["rule"] == "train_task":
+            assert int(res["gpu"]) == (1 if on_big else 0), job
+
+
 def test_lint_is_clean():
     proc = snakemake("--lint", cwd=ROOT, timeout=120, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr

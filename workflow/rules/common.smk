@@ -209,19 +209,51 @@ def _job_key(rule_name, wildcards):
     return (wildcards.experiment, wildcards.run)
 
 
-def job_resource(rule_name, name):
-    """An input function giving resource `name` of a job of rule `rule_name` from the config's table.
+def _planned_keys(rule_name):
+    """The keys of every job of `rule_name` in this plan (see _job_key)."""
+    if rule_name == "pretrain_model":
+        return [(pretrain_id,) for pretrain_id in PLAN.pretrains]
+    if rule_name == "aggregate_results":
+        return [(experiment,) for experiment in PLAN.experiments]
+    return list(PLAN.runs)
 
-    mem_mb and runtime grow with Snakemake's `attempt` (1, then 2, 3, ... under --retries): a job
-    resubmitted after running out of memory or time asks for 1.5x, 2x, ... the table's value.
+
+def _grow(base, attempt):
+    """1x, 1.5x, 2x, ... of `base` at attempt 1, 2, 3, ... (rounded up)."""
+    return -(-base * (attempt + 1) // 2)
+
+
+def job_resource(rule_name, name):
+    """Resource `name` of the jobs of rule `rule_name`, from the config's table.
+
+    Planning cost: Snakemake evaluates every callable resource of every job (twice in a dry-run)
+    and inspects its signature each time, which dominated planning of DAGs with ~20,000 jobs. So
+    where the table gives every planned job of the rule the same value, that value is returned
+    as a plain int; a per-job lookup only where it varies (e.g. a `threads` run setting).
+
+    mem_mb and runtime stay callables: they grow with Snakemake's `attempt` (1, then 2, 3, ...
+    under --retries), so a job resubmitted after running out of memory or time asks for 1.5x,
+    2x, ... the table's value. The workflow cannot see --retries while it is parsed, so the
+    growth is always on; with a constant base it costs one cheap call per job and resource.
     """
+    values = {_job_resources(rule_name, key)[name] for key in _planned_keys(rule_name)}
+    if not values:  # no job of this rule in the plan
+        values = {resources_for(RESOURCE_TABLE, rule_name)[name]}
     if name in ("mem_mb", "runtime"):
+        if len(values) == 1:
+            (base,) = values
+
+            def grown(wildcards, attempt):
+                return _grow(base, attempt)
+
+            return grown
 
         def grown(wildcards, attempt):
-            base = _job_resources(rule_name, _job_key(rule_name, wildcards))[name]
-            return -(-base * (attempt + 1) // 2)  # ceil(base * (1 + (attempt - 1) / 2))
+            return _grow(_job_resources(rule_name, _job_key(rule_name, wildcards))[name], attempt)
 
         return grown
+    if len(values) == 1:
+        return values.pop()
 
     def lookup(wildcards):
         return _job_resources(rule_name, _job_key(rule_name, wildcards))[name]
