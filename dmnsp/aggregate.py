@@ -11,6 +11,7 @@ Nothing is dropped: a run folder that is missing or did not finish every task st
 
 from __future__ import annotations
 
+import html
 import json
 import math
 import re
@@ -25,6 +26,7 @@ import pandas as pd
 from dmnsp import layout, methods
 from dmnsp.config import ConfigError, validate
 from dmnsp.io import atomic_write_text
+from dmnsp.metrics import CHANCE_MARGIN, CHANCE_STDERRS, COLLAPSE_SHARE, matrix_digest
 
 __all__ = [
     "METRICS",
@@ -41,6 +43,8 @@ __all__ = [
     "hyperparameter_table",
     "write_tables",
     "write_tables_from",
+    "HEALTH_MARKS",
+    "health_warnings",
 ]
 
 #: Accuracy-type metrics, stored as fractions per run and shown in percent in every table.
@@ -76,6 +80,24 @@ BASE_SETTINGS = (
     *(f"projection.{k}" for k in _PROJECTION_KEYS),
 )
 _RUN_COLUMNS = ("seed", "status", "complete", "n_tasks", "n_tasks_done", "run_dir")
+#: Health facts of each run (dmnsp.metrics.run_health): share of predictions in the most frequent
+#: class (a fraction, pooled over steps), collapse to one class, accuracy at chance at every step, a
+#: fingerprint of the accuracy matrix (equal fingerprints: identical results) and the run's flags.
+HEALTH_RUN_COLUMNS = ("top_class_share", "collapsed", "at_chance", "matrix_digest", "health")
+#: Health facts of each group of the summary (see :func:`summarize`).
+HEALTH_SUMMARY_COLUMNS = (
+    "n_collapsed",
+    "n_at_chance",
+    "identical_seeds",
+    "identical_methods",
+    "health",
+    "flagged_runs",
+)
+#: Table markers of the health flags (``†`` marks missing seeds): runs collapsed to one class or at
+#: chance; every method of the column gave the identical result; identical results for every seed.
+HEALTH_MARKS = {"runs": "‡", "methods": "§", "seeds": "¶"}
+#: The settings that make two groups comparable as "methods on the same problem" (identical-result check).
+_PROBLEM_KEYS = ("experiment", "dataset", "split", "evaluate_on", "model_name", "pretrained")
 _KNOWN_DATASETS = ("cifar100", "tinyimagenet", "fashion-mnist", "imagefolder")
 #: Rows of published methods the harness does not run: after the baselines, before dmnsp.
 _REFERENCE_ORDER = {"moe_adapters": 2.5}
@@ -210,8 +232,10 @@ def collect_runs(run_dirs: Iterable[str | Path]) -> pd.DataFrame:
     Columns: the settings (:data:`BASE_SETTINGS` plus swept keys from ``run.json``), ``seed``,
     ``status`` (``complete`` / ``incomplete`` / ``missing``), ``complete``, ``n_tasks``,
     ``n_tasks_done``, ``run_dir``, the :data:`METRICS` in percent (an incomplete run's are over the
-    tasks done so far), ``wall_seconds``, ``peak_mem_mb`` and ``step_1 .. step_T`` (accuracy on seen
-    classes after each step, percent). Missing folders stay as rows with NaN metrics.
+    tasks done so far), ``wall_seconds``, ``peak_mem_mb``, the :data:`HEALTH_RUN_COLUMNS` and
+    ``step_1 .. step_T`` (accuracy on seen classes after each step, percent). Missing folders stay
+    as rows with NaN metrics. A damaged ``run.json``, ``config.yaml`` or task record is a
+    :class:`~dmnsp.config.ConfigError` naming the file (the tables are not written with a run left out).
     """
     records = []
     for run_dir in run_dirs:
@@ -220,6 +244,7 @@ def collect_runs(run_dirs: Iterable[str | Path]) -> pd.DataFrame:
             record = _settings_from_path(path)
             record.update(status="missing", complete=False, n_tasks=np.nan, n_tasks_done=0, run_dir=str(path))
             record.update(dict.fromkeys((*METRICS, *RESOURCES), np.nan))
+            record.update(dict.fromkeys(HEALTH_RUN_COLUMNS), health="")
             records.append(record)
             continue
         config = layout.read_run_config(path)
@@ -235,6 +260,14 @@ def collect_runs(run_dirs: Iterable[str | Path]) -> pd.DataFrame:
         )
         record.update({name: _pct(metrics[name]) for name in METRICS})
         record.update({name: np.nan if metrics[name] is None else metrics[name] for name in RESOURCES})
+        health = metrics["health"]
+        record.update(
+            top_class_share=np.nan if health["top_class_share"] is None else health["top_class_share"],
+            collapsed=health["collapsed"],
+            at_chance=health["at_chance"],
+            matrix_digest=matrix_digest(metrics["accuracy_matrix"]),
+            health="; ".join(health["flags"]),
+        )
         for step, acc in enumerate(metrics["accuracy_per_step"], start=1):
             record[f"step_{step}"] = _pct(acc)
         records.append(record)
@@ -244,14 +277,13 @@ def collect_runs(run_dirs: Iterable[str | Path]) -> pd.DataFrame:
         if values and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values):
             df[col] = df[col].astype("Int64")
     if df.empty:
-        return pd.DataFrame(columns=[*BASE_SETTINGS, *_RUN_COLUMNS, *METRICS, *RESOURCES])
-    settings = [
-        c
-        for c in df.columns
-        if c not in _RUN_COLUMNS and c not in METRICS and c not in RESOURCES and not _STEP.match(c)
-    ]
+        return pd.DataFrame(
+            columns=[*BASE_SETTINGS, *_RUN_COLUMNS, *METRICS, *RESOURCES, *HEALTH_RUN_COLUMNS]
+        )
+    fixed = {*_RUN_COLUMNS, *METRICS, *RESOURCES, *HEALTH_RUN_COLUMNS}
+    settings = [c for c in df.columns if c not in fixed and not _STEP.match(c)]
     steps = sorted((c for c in df.columns if _STEP.match(c)), key=lambda c: int(_STEP.match(c).group(1)))
-    df = df[[*settings, *_RUN_COLUMNS, *METRICS, *RESOURCES, *steps]]
+    df = df[[*settings, *_RUN_COLUMNS, *METRICS, *RESOURCES, *HEALTH_RUN_COLUMNS, *steps]]
     df["complete"] = df["complete"].astype(bool)
     return df
 
@@ -259,7 +291,12 @@ def collect_runs(run_dirs: Iterable[str | Path]) -> pd.DataFrame:
 def setting_columns(df: pd.DataFrame) -> list[str]:
     """The grouping columns of a runs or summary table: everything that is not a seed, status, metric or statistic."""
     skip = (
-        set(_RUN_COLUMNS) | set(METRICS) | set(RESOURCES) | {"n_seeds", "n_complete", "seeds", "not_complete"}
+        set(_RUN_COLUMNS)
+        | set(METRICS)
+        | set(RESOURCES)
+        | set(HEALTH_RUN_COLUMNS)
+        | set(HEALTH_SUMMARY_COLUMNS)
+        | {"n_seeds", "n_complete", "seeds", "not_complete"}
     )
     out = []
     for col in df.columns:
@@ -308,7 +345,12 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
     Columns: the settings, ``n_seeds`` (runs in the group, incomplete and missing ones included),
     ``n_complete``, ``seeds`` (e.g. ``"0,1,2"``), ``{metric}_mean`` and ``{metric}_std`` (sample
     std, ddof=1; NaN for a single complete seed) for the :data:`METRICS` (percent) and resources,
-    and ``not_complete`` (the run folders of the group that are incomplete or missing).
+    ``not_complete`` (the run folders of the group that are incomplete or missing), and the health
+    facts: ``n_collapsed`` and ``n_at_chance`` (runs whose predictions collapsed to one class, or
+    at chance at every step), ``identical_seeds`` (a method that trains gave the identical accuracy
+    matrix for every complete seed), ``identical_methods`` (every method on the same problem gave
+    the identical result, :func:`identical_problems`), ``health`` (the flags in words, each led by
+    its :data:`HEALTH_MARKS` marker) and ``flagged_runs``.
     """
     keys = setting_columns(df)
     stats = [*METRICS, *RESOURCES]
@@ -319,6 +361,7 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
         "seeds",
         *(f"{m}_{s}" for m in stats for s in ("mean", "std")),
         "not_complete",
+        *HEALTH_SUMMARY_COLUMNS,
     ]
     if df.empty:
         return pd.DataFrame(columns=columns)
@@ -337,12 +380,146 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
             for r in group.itertuples()
             if not r.complete
         )
+        row.update(_group_health(group, done))
         rows.append(row)
     out = pd.DataFrame(rows, columns=columns)
     for key in keys:  # groupby turns None into NaN; keep the original dtype where it can
         if out[key].isna().all():
             out[key] = out[key].astype(object)
+    identical = identical_problems(df)
+    out["identical_methods"] = [_problem_key(row) in identical for _, row in out.iterrows()]
+    out["health"] = [_health_text(row) for _, row in out.iterrows()]
     return out
+
+
+# --------------------------------------------------------------------------- health flags
+def _flagged(group: pd.DataFrame, column: str) -> pd.Series:
+    if column not in group:
+        return pd.Series(False, index=group.index)
+    return group[column].map(lambda v: v is True or v is np.True_)
+
+
+def _method_trains(method: Any) -> bool:
+    try:
+        return bool(methods.get(str(method)).trains)
+    except methods.UnknownMethodError:
+        return True
+
+
+def _group_health(group: pd.DataFrame, done: pd.DataFrame) -> dict[str, Any]:
+    """Health columns of one summary group (its runs, and the complete ones among them)."""
+    collapsed, at_chance = _flagged(group, "collapsed"), _flagged(group, "at_chance")
+    digests = done["matrix_digest"].dropna() if "matrix_digest" in done else pd.Series(dtype=object)
+    method = group["method"].iloc[0] if "method" in group else None
+    flagged = group[collapsed | at_chance]
+    return {
+        "n_collapsed": int(collapsed.sum()),
+        "n_at_chance": int(at_chance.sum()),
+        # A method that never trains (zeroshot) may well give the same matrix for every seed.
+        "identical_seeds": bool(_method_trains(method) and len(digests) >= 2 and digests.nunique() == 1),
+        "flagged_runs": "; ".join(f"{r.run_dir} ({r.health})" for r in flagged.itertuples()),
+    }
+
+
+def _problem_key(row: Mapping[str, Any]) -> tuple[str, ...]:
+    """What makes groups comparable as methods on one problem (:data:`_PROBLEM_KEYS`), as text."""
+    return tuple(_fmt_value(row.get(key)) for key in _PROBLEM_KEYS)
+
+
+def identical_problems(runs: pd.DataFrame) -> dict[tuple[str, ...], list[int]]:
+    """Problems (same experiment, dataset, split, evaluation set and backbone) on which **every**
+    method gave the identical accuracy matrix, mapped to the seeds compared.
+
+    Complete runs are compared seed by seed (equal :func:`dmnsp.metrics.matrix_digest`). A problem
+    is flagged when two or more methods ran on it, every method takes part in the comparison of
+    some seed, and for every seed all its runs (every method, every grid point) are identical.
+    """
+    if runs.empty or "matrix_digest" not in runs or "method" not in runs:
+        return {}
+    done = runs[runs["complete"].astype(bool) & runs["matrix_digest"].notna()]
+    problems: dict[tuple[str, ...], list[int]] = {}
+    by_problem: dict[tuple[str, ...], list[Any]] = {}
+    for idx, row in done.iterrows():
+        by_problem.setdefault(_problem_key(row), []).append(idx)
+    for key, index in by_problem.items():
+        problem = done.loc[index]
+        if problem["method"].nunique() < 2:
+            continue
+        compared, methods_compared, identical = [], set(), True
+        for seed, runs_of_seed in problem.groupby(problem["seed"].map(_fmt_value), sort=True):
+            if len(runs_of_seed) < 2:
+                continue
+            compared.append(seed)
+            methods_compared |= set(runs_of_seed["method"])
+            identical &= runs_of_seed["matrix_digest"].nunique() == 1
+        if compared and identical and methods_compared == set(problem["method"]):
+            problems[key] = [int(s) if s.isdigit() else s for s in compared]
+    return problems
+
+
+def _health_text(row: Mapping[str, Any]) -> str:
+    """A summary row's health flags in words, each led by its marker (empty when healthy)."""
+    parts = []
+    n = int(row.get("n_seeds") or 0)
+    runs = []
+    if row.get("n_collapsed"):
+        runs.append(f"predictions collapsed to one class in {int(row['n_collapsed'])}/{n} runs")
+    if row.get("n_at_chance"):
+        runs.append(f"at chance at every step in {int(row['n_at_chance'])}/{n} runs")
+    if runs:
+        parts.append(f"{HEALTH_MARKS['runs']} " + ", ".join(runs))
+    if row.get("identical_methods") is True:
+        parts.append(f"{HEALTH_MARKS['methods']} every method gave the identical result")
+    if row.get("identical_seeds") is True:
+        parts.append(f"{HEALTH_MARKS['seeds']} identical result for every seed")
+    return "; ".join(parts)
+
+
+def _health_marks(row: Mapping[str, Any]) -> str:
+    marks = ""
+    if row.get("n_collapsed") or row.get("n_at_chance"):
+        marks += HEALTH_MARKS["runs"]
+    if row.get("identical_methods") is True:
+        marks += HEALTH_MARKS["methods"]
+    if row.get("identical_seeds") is True:
+        marks += HEALTH_MARKS["seeds"]
+    return marks
+
+
+_HEALTH_FIX = (
+    "check the pretrained backbone (results/pretrained/*/model.json: zero_shot_accuracy, healthy) "
+    "and the runs' metrics.json 'health'"
+)
+
+
+def health_warnings(summary: pd.DataFrame) -> list[str]:
+    """One line per health problem of a summary: every method identical on a problem, runs
+    collapsed to one class or at chance, results identical over seeds. Empty when all is well."""
+    if summary.empty or "health" not in summary:
+        return []
+    names = display_names(summary)
+    lines, seen = [], set()
+    for idx, row in summary.iterrows():
+        where = ", ".join(
+            _fmt_value(row.get(k)) for k in ("experiment", "dataset", "split") if pd.notna(row.get(k))
+        )
+        key = _problem_key(row)
+        if row.get("identical_methods") is True and key not in seen:
+            seen.add(key)
+            same = summary[[_problem_key(r) == key for _, r in summary.iterrows()]]
+            lines.append(
+                f"{where}: every method ({', '.join(names[same.index])}) gave the identical accuracy "
+                f"matrix: the table says nothing about the methods; {_HEALTH_FIX}"
+            )
+        if row.get("n_collapsed") or row.get("n_at_chance"):
+            text = _health_text({**row, "identical_methods": False, "identical_seeds": False})
+            lines.append(f"{where}, {names[idx]}: {text[2:]}: {row['flagged_runs']}")
+        if row.get("identical_seeds") is True:
+            lines.append(
+                f"{where}, {names[idx]}: identical accuracy matrix for seeds {row['seeds']}: "
+                "the seed changed nothing"
+            )
+    return lines
 
 
 def _fmt_tasks(n: Any) -> str:
@@ -382,6 +559,9 @@ _LATEX_SPECIALS = {
     "−": "-",
     "±": r"$\pm$",
     "†": r"\textsuperscript{\dag}",
+    "‡": r"\textsuperscript{\ddag}",
+    "§": r"\textsuperscript{\S}",
+    "¶": r"\textsuperscript{\P}",
 }
 
 
@@ -413,9 +593,10 @@ def paper_table(
     """The paper-style table as strings: rows = methods (ours, then reported, then Δ), columns = dataset × split × (Avg, Last, n).
 
     Our cells are ``mean ± std`` over complete seeds (percent, 2 decimals; ``(n=1)`` for one seed);
-    the best mean per column among our rows is bold (ties included; only with two or more
-    candidates). Cells whose group has fewer complete seeds than ``expected_seeds`` (or than runs
-    in the group) get ``†``. Reported rows hold the published numbers of the columns shown; Δ rows
+    the best mean per column among our rows is bold (ties included; only when two or more
+    candidates do not all tie). Cells whose group has fewer complete seeds than ``expected_seeds``
+    (or than runs in the group) get ``†``; health flags get ``‡``, ``§``, ``¶``
+    (:data:`HEALTH_MARKS`), each explained in a footnote. Reported rows hold the published numbers of the columns shown; Δ rows
     give ours − reported where both exist and our backbone is :data:`REFERENCE_MODEL`.
 
     Args:
@@ -472,7 +653,7 @@ def _best_means(names: list[str], columns: list[tuple[str, str]], by_cell: dict)
                 for n in names
                 if (n, d, s) in by_cell and pd.notna(by_cell[(n, d, s)][f"{metric}_mean"])
             ]
-            if len(values) >= 2:
+            if len(set(values)) >= 2:  # all equal: nothing is best (and every method identical is flagged)
                 best[(d, s, metric)] = max(values)
     return best
 
@@ -494,10 +675,13 @@ def _our_rows(
             n_complete, n_seeds = int(r["n_complete"]), int(r["n_seeds"])
             flag = n_complete < max(n_seeds, expected_seeds or 0)
             any_flag |= flag
+            marks = _health_marks(r)
+            marks = latex_escape(marks) if style == "tex" else marks
             for metric in ("avg", "last"):
                 mean = r[f"{metric}_mean"]
                 bold = pd.notna(mean) and best.get((d, s, metric)) == round(mean, 2)
-                cells.append(_cell(mean, r[f"{metric}_std"], n_complete, bold=bold, flag=flag, style=style))
+                cell = _cell(mean, r[f"{metric}_std"], n_complete, bold=bold, flag=flag, style=style)
+                cells.append(cell + marks)
             n_text = str(n_complete) if n_complete == n_seeds else f"{n_complete}/{n_seeds}"
             cells.append(n_text + (dagger if flag else ""))
         rows.append((name, cells))
@@ -569,6 +753,33 @@ def _table_notes(rows: list, any_flag: bool, expected_seeds: int | None, summary
     unfinished = [text for text in summary["not_complete"] if isinstance(text, str) and text]
     if unfinished:
         notes.append("Incomplete or missing runs: " + "; ".join(unfinished) + ".")
+    return notes + _health_notes(summary)
+
+
+def _health_notes(summary: pd.DataFrame) -> list[str]:
+    """Footnotes of the health markers used in the table (:data:`HEALTH_MARKS`)."""
+    if "health" not in summary:
+        return []
+    notes = []
+    flagged = [text for text in summary.get("flagged_runs", []) if isinstance(text, str) and text]
+    if flagged:
+        notes.append(
+            f"{HEALTH_MARKS['runs']} WARNING, not a result: runs whose test predictions collapsed to one class "
+            f"(at least {COLLAPSE_SHARE:.0%} of a step's predictions in one class) or whose accuracy was at "
+            f"chance at every step (not above 1/seen classes + max({CHANCE_MARGIN:g}, {CHANCE_STDERRS:g} "
+            "binomial standard errors)): " + "; ".join(flagged) + "."
+        )
+    if (summary["identical_methods"] == True).any():  # noqa: E712 (object column)
+        notes.append(
+            f"{HEALTH_MARKS['methods']} WARNING, not a result: every method gave the identical accuracy matrix "
+            "on this dataset and split (same backbone, seed by seed), so these numbers say nothing about the "
+            f"methods; {_HEALTH_FIX}."
+        )
+    if (summary["identical_seeds"] == True).any():  # noqa: E712
+        notes.append(
+            f"{HEALTH_MARKS['seeds']} the accuracy matrix is identical for every seed of a method that trains: "
+            "the seed changed nothing (± 0.00 is not a measured spread)."
+        )
     return notes
 
 
@@ -588,6 +799,9 @@ def _assemble(
 def _summary_markdown(summary: pd.DataFrame, reference: pd.DataFrame, expected_seeds: int | None) -> str:
     table, notes = paper_table(summary, reference, expected_seeds, style="md")
     lines = ["# Results (accuracy, %)", ""]
+    warnings = health_warnings(summary)
+    if warnings:
+        lines += [f"> **WARNING:** {line}  " for line in warnings] + [""]
     if table.empty:
         lines.append("No run has results yet.")
     else:
@@ -595,6 +809,21 @@ def _summary_markdown(summary: pd.DataFrame, reference: pd.DataFrame, expected_s
     lines.append("")
     lines += [f"- {note}" for note in notes]
     return "\n".join(lines) + "\n"
+
+
+def _summary_html(summary: pd.DataFrame, reference: pd.DataFrame, expected_seeds: int | None) -> str:
+    """The markdown summary's table, warnings and notes as one HTML page (the report shows HTML inline)."""
+    table, notes = paper_table(summary, reference, expected_seeds, style="md")
+    body = ["<h1>Results (accuracy, %)</h1>"]
+    body += [
+        f'<p style="color:#b00000;font-weight:bold">WARNING: {html.escape(line)}</p>'
+        for line in health_warnings(summary)
+    ]
+    cells = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", table.to_html(border=1))  # markdown bold
+    body.append("<p>No run has results yet.</p>" if table.empty else cells)
+    body.append("<ul>" + "".join(f"<li>{html.escape(note)}</li>" for note in notes) + "</ul>")
+    head = '<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>Results</title></head><body>'
+    return head + "\n".join(body) + "</body></html>\n"
 
 
 def _summary_latex(summary: pd.DataFrame, reference: pd.DataFrame, expected_seeds: int | None) -> str:
@@ -637,6 +866,7 @@ def hyperparameter_table(summary: pd.DataFrame) -> pd.DataFrame:
     hps = [c for c in (*HYPERPARAMETERS, *_OTHER_HYPERPARAMETERS) if c in summary.columns]
     ids = ["dataset", "split", "label"] + (["evaluate_on"] if "evaluate_on" in summary.columns else [])
     stats = ["avg_mean", "avg_std", "last_mean", "last_std", "n_seeds", "n_complete"]
+    stats += ["health"] if "health" in summary.columns else []
     parts = []
     if not summary.empty:
         for _, group in summary.groupby(ids, dropna=False, sort=True):
@@ -709,6 +939,9 @@ def write_tables_from(
         "summary.tex": atomic_write_text(
             out_dir / "summary.tex", _summary_latex(summary, reference, expected_seeds)
         ),
+        "summary.html": atomic_write_text(
+            out_dir / "summary.html", _summary_html(summary, reference, expected_seeds)
+        ),
         "hyperparameters.csv": atomic_write_text(out_dir / "hyperparameters.csv", hyper.to_csv(index=False)),
         "hyperparameters.md": atomic_write_text(
             out_dir / "hyperparameters.md", _hyperparameter_markdown(hyper)
@@ -720,7 +953,7 @@ def write_tables_from(
 def write_tables(
     run_dirs: Sequence[str | Path], out_dir: str | Path, expected_seeds: int | None = None
 ) -> dict[str, Path]:
-    """Write ``runs.csv``, ``summary.csv``, ``summary.md``, ``summary.tex``, ``hyperparameters.csv`` and ``hyperparameters.md``.
+    """Write ``runs.csv``, ``summary.csv``, ``summary.md``, ``summary.tex``, ``summary.html``, ``hyperparameters.csv`` and ``hyperparameters.md``.
 
     Args:
         run_dirs: run folders (missing ones stay visible as ``status: missing``).

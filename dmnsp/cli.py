@@ -52,6 +52,7 @@ def _json_object(text: str, option: str) -> dict:
 def cmd_run(args) -> int:
     from . import layout
     from .methods import run_label
+    from .metrics import run_health
     from .runner import run_all
 
     cfg = _load(args)
@@ -77,7 +78,14 @@ def cmd_run(args) -> int:
     if out is not None:
         layout.write_run_metrics(out)
         print(f"wrote {out}")
+    _warn_health(args.command, run_health(rows))
     return 0
+
+
+def _warn_health(command: str, health: dict) -> None:
+    """A run's health flags (predictions collapsed to one class, at chance) as console warnings."""
+    for flag in health["flags"]:
+        print(f"dmnsp {command}: warning: {flag}; these numbers are not a result", file=sys.stderr)
 
 
 def cmd_prepare_run(args) -> int:
@@ -136,13 +144,18 @@ def cmd_metrics(args) -> int:
 
     m = write_run_metrics(args.run_dir)
     print(json.dumps({k: m[k] for k in ("avg", "last", "n_tasks_done", "complete")}))
+    _warn_health(args.command, m["health"])
     return 0
 
 
 def cmd_report_artifacts(args) -> int:
     from .report import make_report_artifacts
 
-    make_report_artifacts(args.runs, args.tables_dir, args.plots_dir, expected_seeds=args.expected_seeds)
+    made = make_report_artifacts(
+        args.runs, args.tables_dir, args.plots_dir, expected_seeds=args.expected_seeds
+    )
+    for line in made["warnings"]:
+        print(f"dmnsp report-artifacts: warning: {line}", file=sys.stderr)
     return 0
 
 

@@ -86,6 +86,7 @@ def evaluate_seen(
     per_task = [
         float(correct[a:b].mean()) if b > a else None for a, b in zip(bounds[:-1], bounds[1:], strict=True)
     ]
+    n_classes = len(class_names)
     return {
         "task": task,
         "n_tasks": n_tasks,
@@ -93,5 +94,9 @@ def evaluate_seen(
         "n_samples_per_task": sizes,
         "accuracy": float(correct.mean()) if len(correct) else None,
         "n_samples": int(len(correct)),
+        # Health facts (dmnsp.metrics.step_health): how predictions and labels spread over the
+        # seen classes, by position in class_names (a collapse to one class shows here).
+        "predictions_per_class": np.bincount(preds, minlength=n_classes).tolist(),
+        "labels_per_class": np.bincount(labels, minlength=n_classes).tolist(),
         "seconds": time.perf_counter() - t0,
     }

@@ -15,6 +15,8 @@ folder's files is :mod:`dmnsp.layout`'s job.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -33,6 +35,13 @@ __all__ = [
     "accuracy_matrix_from_rows",
     "metrics_from_rows",
     "accuracy_matrix_frame",
+    "CHANCE_MARGIN",
+    "CHANCE_STDERRS",
+    "COLLAPSE_SHARE",
+    "chance_threshold",
+    "step_health",
+    "run_health",
+    "matrix_digest",
 ]
 
 _TOL = 1e-9
@@ -299,12 +308,13 @@ def metrics_from_rows(
 
     Returns:
         ``{avg, last, accuracy_per_step, forgetting, bwt, forgetting_continuum, bwt_continuum,
-        n_tasks, n_tasks_done, complete, wall_seconds, peak_mem_mb, accuracy_matrix}`` with
+        n_tasks, n_tasks_done, complete, wall_seconds, peak_mem_mb, accuracy_matrix, health}`` with
         accuracies as fractions; ``accuracy_matrix`` is ``R`` as nested lists (None for unknown
         entries). ``wall_seconds`` sums, over tasks, the diagnostics' seconds (training and the
         method's own phases, e.g. DMNSP's lambda and basis) and the evaluation seconds (``eval.json``'s, else the diagnostics' ``eval``: the
         runner writes the same number in both, so it is counted once); ``peak_mem_mb`` is the
-        maximum over both files.
+        maximum over both files. ``health`` holds :func:`run_health` (prediction collapse, accuracy
+        against chance).
     """
     eval_rows, diag_rows = list(eval_rows), list(diag_rows)
     wall, peak = _resources(eval_rows, diag_rows)
@@ -318,6 +328,7 @@ def metrics_from_rows(
             wall_seconds=wall,
             peak_mem_mb=peak,
             accuracy_matrix=[],
+            health=run_health([]),
         )
         return out
     R, A, complete = accuracy_matrix_from_rows(eval_rows)
@@ -331,8 +342,173 @@ def metrics_from_rows(
         wall_seconds=wall,
         peak_mem_mb=peak,
         accuracy_matrix=[[_finite_or_none(v) for v in row] for row in R],
+        health=run_health(eval_rows),
     )
     return out
+
+
+# --------------------------------------------------------------------------- health facts
+#: Accuracy is "at chance" when it does not beat chance (1 / number of seen classes) by more than
+#: this absolute margin, nor by CHANCE_STDERRS binomial standard errors of a chance-level classifier
+#: on that many test images (whichever is larger; the error term only matters for small test sets).
+CHANCE_MARGIN = 0.05
+CHANCE_STDERRS = 3.0
+#: Predictions have "collapsed to one class" when at least this share of a step's test images is
+#: predicted as one class that holds a smaller share of the test images.
+COLLAPSE_SHARE = 0.9
+
+
+def chance_threshold(n_classes: int, n_samples: int) -> tuple[float, float]:
+    """``(chance, needed)``: chance accuracy ``1 / n_classes`` and the accuracy a classifier must
+    exceed not to count as at chance, ``chance + max(CHANCE_MARGIN, CHANCE_STDERRS * se)`` with the
+    binomial standard error ``se = sqrt(chance (1 - chance) / n_samples)``."""
+    if n_classes < 1:
+        raise ValueError(f"n_classes must be at least 1, got {n_classes}")
+    chance = 1.0 / n_classes
+    stderr = math.sqrt(chance * (1.0 - chance) / max(int(n_samples), 1))
+    return chance, chance + max(CHANCE_MARGIN, CHANCE_STDERRS * stderr)
+
+
+def step_health(
+    accuracy: float,
+    n_classes: int,
+    n_samples: int,
+    predictions_per_class: Sequence[int] | None = None,
+    labels_per_class: Sequence[int] | None = None,
+) -> dict[str, Any]:
+    """Health facts of one evaluation (a task step of a run, or a pretrained model's zero-shot test).
+
+    Args:
+        accuracy: fraction of correct predictions.
+        n_classes: classes the classifier chooses among (seen so far).
+        n_samples: test images.
+        predictions_per_class: how many images were predicted as each class (None: not recorded).
+        labels_per_class: how many images belong to each class (None: taken as balanced).
+
+    Returns:
+        ``{n_classes, chance, needed_accuracy, accuracy, at_chance, top_class, top_class_share,
+        collapsed}``. ``at_chance``: ``accuracy <= needed_accuracy`` (:func:`chance_threshold`);
+        ``collapsed``: at least :data:`COLLAPSE_SHARE` of the predictions fall in one class that
+        holds less than that share of the images. Both are None where they mean nothing (a single
+        class) and the prediction facts are None when the counts were not recorded.
+    """
+    chance, needed = chance_threshold(n_classes, n_samples)
+    out: dict[str, Any] = {
+        "n_classes": int(n_classes),
+        "chance": chance,
+        "needed_accuracy": needed,
+        "accuracy": float(accuracy),
+        "at_chance": bool(accuracy <= needed) if n_classes > 1 else None,
+        "top_class": None,
+        "top_class_share": None,
+        "collapsed": None,
+    }
+    if predictions_per_class is None:
+        return out
+    counts = np.asarray(predictions_per_class, dtype=float)
+    if counts.shape != (n_classes,) or counts.min(initial=0) < 0:
+        raise ValueError(
+            f"predictions_per_class must hold {n_classes} counts, got {list(predictions_per_class)}"
+        )
+    total = counts.sum()
+    if total <= 0:
+        return out
+    top = int(counts.argmax())
+    share = float(counts[top] / total)
+    if labels_per_class is None:
+        label_share = 1.0 / n_classes
+    else:
+        labels = np.asarray(labels_per_class, dtype=float)
+        if labels.shape != (n_classes,):
+            raise ValueError(f"labels_per_class must hold {n_classes} counts, got {list(labels_per_class)}")
+        label_share = float(labels[top] / labels.sum()) if labels.sum() > 0 else 0.0
+    out.update(
+        top_class=top,
+        top_class_share=share,
+        collapsed=bool(share >= COLLAPSE_SHARE and label_share < COLLAPSE_SHARE) if n_classes > 1 else None,
+    )
+    return out
+
+
+def _any_or_none(values: list[bool | None], combine: Any) -> bool | None:
+    known = [v for v in values if v is not None]
+    return bool(combine(known)) if known else None
+
+
+def run_health(eval_rows: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """Health facts of one run from its evaluation records (``eval.json``).
+
+    Per step: :func:`step_health` (the step's seen classes are the length of its
+    ``predictions_per_class``). Over the run: ``top_class_share`` pools the predictions of every
+    step by class (class positions are the class order, the same at every step);
+    ``collapsed`` is True when the predictions collapsed to one class at **any** step, and
+    ``at_chance`` when the accuracy is at chance at **every** step (a method that forgets its old
+    tasks can end near chance at the last step; a run that never beat chance learned nothing).
+    Records without prediction counts (older runs) give None.
+
+    Returns:
+        ``{steps, top_class_share, collapsed, at_chance, collapsed_steps, at_chance_steps, flags}``;
+        ``flags`` are short phrases ("predictions collapsed to one class after task 0, 1", "at
+        chance at every step"), empty for a healthy run.
+    """
+    steps, pooled = [], np.zeros(0)
+    for row in sorted(eval_rows, key=lambda r: int(r["task"])):
+        preds = row.get("predictions_per_class")
+        if preds is None or row.get("accuracy") is None or not len(preds):
+            steps.append(
+                {"task": int(row["task"]), "at_chance": None, "collapsed": None, "top_class_share": None}
+            )
+            continue
+        facts = step_health(
+            float(row["accuracy"]), len(preds), int(row["n_samples"]), preds, row.get("labels_per_class")
+        )
+        steps.append({"task": int(row["task"]), **facts})
+        counts = np.asarray(preds, dtype=float)
+        grown = np.zeros(max(len(pooled), len(counts)))
+        grown[: len(pooled)] += pooled
+        grown[: len(counts)] += counts
+        pooled = grown
+    collapsed_steps = [s["task"] for s in steps if s["collapsed"]]
+    at_chance_steps = [s["task"] for s in steps if s["at_chance"]]
+    out = {
+        "steps": steps,
+        "top_class_share": float(pooled.max() / pooled.sum()) if pooled.sum() > 0 else None,
+        "collapsed": _any_or_none([s["collapsed"] for s in steps], any),
+        "at_chance": _any_or_none([s["at_chance"] for s in steps], all),
+        "collapsed_steps": collapsed_steps,
+        "at_chance_steps": at_chance_steps,
+        "flags": [],
+    }
+    if out["collapsed"]:
+        share = max(s["top_class_share"] for s in steps if s["collapsed"])
+        out["flags"].append(
+            f"predictions collapsed to one class after task {_ranges(collapsed_steps)} (up to {share:.0%})"
+        )
+    if out["at_chance"]:
+        out["flags"].append("accuracy at chance at every step")
+    return out
+
+
+def _ranges(values: list[int]) -> str:
+    """``[0, 1, 2, 4]`` as ``"0-2, 4"``."""
+    parts: list[list[int]] = []
+    for v in values:
+        if parts and v == parts[-1][-1] + 1:
+            parts[-1].append(v)
+        else:
+            parts.append([v])
+    return ", ".join(f"{p[0]}-{p[-1]}" if len(p) > 2 else ", ".join(map(str, p)) for p in parts)
+
+
+def matrix_digest(R: np.ndarray | Sequence[Sequence[float | None]]) -> str | None:
+    """A short fingerprint of an accuracy matrix (entries rounded to 1e-9; None entries kept), to
+    tell identical results apart from different ones across runs (None for an empty matrix)."""
+    rows = [
+        [None if v is None or not math.isfinite(float(v)) else round(float(v), 9) for v in row] for row in R
+    ]
+    if not rows:
+        return None
+    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:12]
 
 
 def accuracy_matrix_frame(R: np.ndarray | Sequence[Sequence[float | None]]) -> pd.DataFrame:

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from dmnsp import layout, methods
-from dmnsp.aggregate import HYPERPARAMETERS, collect_runs, display_names, load_reference
+from dmnsp.aggregate import HYPERPARAMETERS, collect_runs, display_names, identical_problems, load_reference
 from dmnsp.io import atomic_save
 from dmnsp.metrics import accuracy_matrix_from_rows
 
@@ -119,6 +119,20 @@ def _run_table(run_dirs: Sequence[str | Path]) -> pd.DataFrame:
 
 
 # --------------------------------------------------------------------------- accuracy curves
+def health_banner(runs: pd.DataFrame) -> str:
+    """A warning line for a figure of these runs (one dataset and split), empty when healthy:
+    every method gave the identical result, or runs collapsed to one class or sat at chance."""
+    parts = []
+    if identical_problems(runs):
+        parts.append("every method gave the identical result")
+    for column, what in (("collapsed", "predictions collapsed to one class"), ("at_chance", "at chance")):
+        if column in runs:
+            n = int(sum(value is True or value is np.True_ for value in runs[column]))
+            if n:
+                parts.append(f"{what} in {n}/{len(runs)} runs")
+    return ("WARNING, not a result: " + "; ".join(parts) + " (see summary.md)") if parts else ""
+
+
 def plot_accuracy_curves(
     df_runs: pd.DataFrame, out_dir: str | Path, reference: pd.DataFrame | None = None
 ) -> list[Path]:
@@ -204,6 +218,9 @@ def plot_accuracy_curves(
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small", loc="best")
+        warning = health_banner(group)
+        if warning:  # the report shows figures inline: the warning must be in the picture
+            fig.suptitle(warning, color="#b00000", fontsize="small", wrap=True)
         files += _save(fig, out_dir, _slug("accuracy_curves", dataset, split))
     return files
 

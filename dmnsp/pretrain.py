@@ -5,8 +5,8 @@ The result is an ordinary open_clip checkpoint (``{"state_dict": ...}``) that ru
 the same local-checkpoint path as real weights.
 
 Two failure modes are stopped here rather than passed on as a table of noise: a non-finite loss
-(nothing is written), and a backbone left at chance (the health gate, :func:`health`): every
-method would then tie. ``pretrain.accept_weak: true`` lets a weak backbone through on purpose.
+(nothing is written), and a backbone left at chance or predicting one class for every image (the
+health gate, :func:`health`): every method would then tie. ``pretrain.accept_weak: true`` lets a weak backbone through on purpose.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from .devices import pick_device, set_threads
 from .evaluate import predict
 from .io import atomic_save, atomic_write_json
 from .loaders import cycle, derive_seed, make_loader
+from .metrics import CHANCE_MARGIN, step_health
 from .model import create_clip, encode_image, encode_text, tokenize_prompts
 from .scenario import TaskDataset, build_scenario
 from .train import NonFiniteError, lr_at
@@ -35,8 +36,9 @@ from .train import NonFiniteError, lr_at
 # The loss counts as still on the ln(C) plateau when its mean over the last tenth of the steps is
 # within this many nats of ln(C) (uniform logits: every prompt has the same text feature).
 PLATEAU_NATS = 0.05
-# Zero-shot accuracy must beat chance by this much, and by three binomial standard errors.
-MIN_GAIN_OVER_CHANCE = 0.05
+# Zero-shot accuracy must beat chance by this much, and by three binomial standard errors (the
+# rule of every run's health facts, dmnsp.metrics.chance_threshold).
+MIN_GAIN_OVER_CHANCE = CHANCE_MARGIN
 
 
 class PretrainHealthError(ConfigError):
@@ -52,39 +54,59 @@ def check_pretrain_config(cfg: dict) -> None:
         )
 
 
-def health(accuracy: float, n_test: int, n_classes: int, losses: list[float]) -> tuple[list[str], dict]:
-    """Why a pretrained model is unusable (empty when it is fine): zero-shot accuracy within a small
-    margin of chance, or a loss that never left the ln(C) plateau.
+def health(
+    accuracy: float,
+    n_test: int,
+    n_classes: int,
+    losses: list[float],
+    predictions_per_class: list[int] | None = None,
+    labels_per_class: list[int] | None = None,
+) -> tuple[list[str], dict]:
+    """Why a pretrained model is unusable (empty when it is fine): zero-shot accuracy at chance or
+    predictions collapsed to one class (:func:`dmnsp.metrics.step_health`, the same rule as every
+    run's ``metrics.json``), or a loss that never left the ln(C) plateau.
 
     Returns:
-        ``(problems, facts)``; facts: chance, the accuracy needed, ln C and the late loss (the mean
-        over the last tenth of the steps).
+        ``(problems, facts)``; facts: chance, the accuracy needed, the share of predictions in the
+        most frequent class, ln C and the late loss (the mean over the last tenth of the steps).
     """
-    chance = 1.0 / n_classes
-    stderr = math.sqrt(chance * (1 - chance) / max(n_test, 1))
-    needed = chance + max(MIN_GAIN_OVER_CHANCE, 3 * stderr)
+    step = step_health(accuracy, n_classes, n_test, predictions_per_class, labels_per_class)
+    chance, needed = step["chance"], step["needed_accuracy"]
     late_loss = float(np.mean(losses[-max(1, len(losses) // 10) :]))
     ln_c = math.log(n_classes)
-    facts = {"chance": chance, "needed_accuracy": needed, "ln_classes": ln_c, "late_loss": late_loss}
+    facts = {
+        "chance": chance,
+        "needed_accuracy": needed,
+        "top_class_share": step["top_class_share"],
+        "collapsed": step["collapsed"],
+        "ln_classes": ln_c,
+        "late_loss": late_loss,
+    }
     problems = []
-    if accuracy <= needed:
+    if step["at_chance"]:
         problems.append(
             f"zero-shot accuracy {accuracy:.3f} is within {needed - chance:.3f} of chance {chance:.3f}"
+        )
+    if step["collapsed"]:
+        problems.append(
+            f"{step['top_class_share']:.0%} of the test images are predicted as one class"
+            f" (class {step['top_class']})"
         )
     if late_loss > ln_c - PLATEAU_NATS:
         problems.append(f"the loss stayed at ln C = {ln_c:.3f} (last tenth of the steps: {late_loss:.3f})")
     return problems, facts
 
 
-def _weak_message(cfg: dict, problems: list[str]) -> str:
+def _weak_message(cfg: dict, problems: list[str], collapsed_only: bool) -> str:
     p = cfg["pretrain"]
+    state = "predicting one class for most images" if collapsed_only else "at chance"
     default = run_schema()["properties"]["pretrain"]["properties"]["lr"]["default"]
     if p["lr"] == default:
         lr = f"or try another pretrain.seed (now {p['seed']})"
     else:
         lr = f"or {'lower' if p['lr'] > default else 'raise'} pretrain.lr (now {p['lr']:g}, default {default:g})"
     return (
-        f"pretraining left {cfg['model_name']} at chance ({'; '.join(problems)}), so every method would tie; "
+        f"pretraining left {cfg['model_name']} {state} ({'; '.join(problems)}), so every method would tie; "
         f"raise pretrain.steps (now {p['steps']}) or pretrain_per_class (now {cfg['pretrain_per_class']}), "
         f"{lr}; set pretrain.accept_weak: true to use the weak model anyway"
     )
@@ -176,9 +198,13 @@ def pretrain(cfg: dict, out: str | Path, progress: bool = True) -> dict:
         progress=progress,
     )
     acc = float((preds == labels).mean())
-    problems, facts = health(acc, len(test_set), n_classes, losses)
+    counts = {
+        "predictions_per_class": np.bincount(preds, minlength=n_classes).tolist(),
+        "labels_per_class": np.bincount(labels, minlength=n_classes).tolist(),
+    }
+    problems, facts = health(acc, len(test_set), n_classes, losses, **counts)
     if problems:
-        message = _weak_message(cfg, problems)
+        message = _weak_message(cfg, problems, collapsed_only=len(problems) == 1 and bool(facts["collapsed"]))
         if not p["accept_weak"]:
             raise PretrainHealthError(message)
         print(f"warning: {message} (accepted: pretrain.accept_weak is true)", file=sys.stderr)
@@ -194,8 +220,8 @@ def pretrain(cfg: dict, out: str | Path, progress: bool = True) -> dict:
         "zero_shot_accuracy": acc,
         "test_images": int(len(test_set)),
         "healthy": not problems,
-        "top_class_share": float(np.bincount(preds, minlength=n_classes).max() / max(len(preds), 1)),
         **facts,
+        **counts,
         "first_loss": losses[0],
         "final_loss": losses[-1],
         "loss_curve": losses[:: max(1, len(losses) // 50)],

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .aggregate import collect_runs, load_reference, write_tables_from
+from .aggregate import collect_runs, health_warnings, load_reference, write_tables_from
 
 
 def make_report_artifacts(
@@ -19,7 +19,9 @@ def make_report_artifacts(
     """Every table and figure of the results stage.
 
     Returns:
-        ``{"tables": {file name: path}, "plots": {plot kind: [paths]}}``.
+        ``{"tables": {file name: path}, "plots": {plot kind: [paths]}, "warnings": [lines]}``; the
+        warnings (:func:`dmnsp.aggregate.health_warnings`) name runs collapsed to one class or at
+        chance and problems on which every method gave the identical result (the tables mark them).
     """
     from . import plots  # matplotlib is an optional extra: import only when figures are asked for
 
@@ -34,4 +36,4 @@ def make_report_artifacts(
         "hyperparameters": plots.plot_hyperparameters(summary, plots_dir),
         "diagnostics": plots.plot_diagnostics(run_dirs, plots_dir),
     }
-    return {"tables": tables, "plots": figures}
+    return {"tables": tables, "plots": figures, "warnings": health_warnings(summary)}

@@ -199,7 +199,8 @@ def test_make_report_artifacts(run_dirs, tmp_path):
     out = report.make_report_artifacts(
         [*run_dirs, tmp_path / "never/seed9"], tmp_path / "tables", tmp_path / "plots", expected_seeds=2
     )
-    assert set(out) == {"tables", "plots"}
+    assert set(out) == {"tables", "plots", "warnings"}
+    assert out["warnings"] == []  # methods and seeds differ: nothing to flag
     assert all(path.is_file() for path in out["tables"].values())
     assert set(out["plots"]) == {"accuracy_curves", "accuracy_matrices", "hyperparameters", "diagnostics"}
     assert out["plots"]["hyperparameters"] == []

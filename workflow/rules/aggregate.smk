@@ -23,6 +23,12 @@ rule aggregate_results:
             category="{experiment}",
             subcategory="Tables",
         ),
+        summary_html=report(
+            "results/{experiment}/tables/summary.html",
+            caption="../report/summary_html.rst",
+            category="{experiment}",
+            subcategory="Tables",
+        ),
         runs_csv=report(
             "results/{experiment}/tables/runs.csv",
             caption="../report/runs.rst",
@@ -61,6 +67,8 @@ rule aggregate_results:
     params:
         runs=get_run_dirs,
         expected_seeds=get_expected_seeds,
+    # Health warnings (runs collapsed or at chance, every method identical) also reach the console.
     shell:
         "python -m dmnsp report-artifacts --runs {params.runs} --tables-dir $(dirname {output.summary_csv})"
-        " --plots-dir {output.plots} --expected-seeds {params.expected_seeds} > {log} 2>&1"
+        " --plots-dir {output.plots} --expected-seeds {params.expected_seeds} > {log} 2>&1;"
+        " grep -h 'warning:' {log} >&2 || true"
