@@ -50,15 +50,23 @@ def _json_object(text: str, option: str) -> dict:
 
 
 def cmd_run(args) -> int:
-    from . import layout
+    from . import guard, layout
     from .methods import run_label
-    from .metrics import run_health
-    from .runner import run_all
 
     cfg = _load(args)
     out = Path(args.out_dir) if args.out_dir else None
-    if out is not None:
+    if out is None:
+        return _run(args, cfg, None)
+    with guard.locked(out, "dmnsp run"):  # one process per folder, released however the run ends
+        guard.claim_run_dir(out, cfg, overwrite=args.overwrite)
         layout.write_run_info(out, cfg, experiment="cli", label=run_label(cfg), settings={})
+        return _run(args, cfg, out)
+
+
+def _run(args, cfg: dict, out: Path | None) -> int:
+    from . import layout
+    from .metrics import run_health
+    from .runner import run_all
 
     def report(t, row, diag):
         seen = ", ".join(f"{a:.3f}" for a in row["accuracy_per_task"])
@@ -102,10 +110,13 @@ def cmd_prepare_run(args) -> int:
 
 
 def cmd_train_task(args) -> int:
+    from . import guard
     from .runner import run_one_task
 
     cfg = _load(args)
-    row = run_one_task(cfg, args.task, args.resume, args.out_dir, progress=not args.quiet)
+    guard.check_task_dir(args.out_dir, args.task, args.resume)
+    with guard.locked(args.out_dir, f"dmnsp train-task --task {args.task}"):
+        row = run_one_task(cfg, args.task, args.resume, args.out_dir, progress=not args.quiet)
     print(f"task {args.task}: accuracy {row['accuracy']:.4f} on {row['n_samples']} images")
     return 0
 
@@ -333,6 +344,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="all tasks of one run in one process, printing per-task accuracy")
     _config_args(p)
     p.add_argument("--out-dir", help="write per-task folders, metrics.json and accuracy_matrix.csv here")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="--out-dir may hold another config's (or this config's finished) results: delete them first",
+    )
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser(

@@ -46,6 +46,8 @@ CHECKPOINT = "checkpoint.pt"
 #: The files a task job writes, in the order it writes them (eval.json, which marks a task as
 #: evaluated, last).
 TASK_FILES = (DIAGNOSTICS, CHECKPOINT, EVAL)
+#: The lock file of a folder a dmnsp process writes into (dmnsp.guard; removed on release).
+LOCK = ".dmnsp.lock"
 
 _TASK_DIR = re.compile(r"^task(\d+)$")
 
@@ -140,9 +142,44 @@ def read_run_config(run: str | Path) -> dict:
 
 
 def read_run_info(run: str | Path) -> dict | None:
-    """The run's ``run.json`` (None when absent)."""
+    """The run's ``run.json`` (None when absent); a damaged one is a user error naming the file."""
     path = Path(run) / RUN_INFO
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    fix = f"delete it and rewrite it (`dmnsp prepare-run`, or `snakemake` reruns prepare_run for {run})"
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise ConfigError(f"{path} is damaged or unreadable ({exc}); {fix}") from None
+    if not isinstance(info, dict):
+        raise ConfigError(f"{path} is not a dmnsp run record (not a JSON object); {fix}")
+    return info
+
+
+def run_results(run: str | Path) -> list[Path]:
+    """The results a run folder holds: ``metrics.json``, ``accuracy_matrix.csv`` and every task
+    folder with a task file (empty for a new folder, or one with only ``config.yaml``/``run.json``)."""
+    run = Path(run)
+    found = [run / name for name in (METRICS, MATRIX) if (run / name).is_file()]
+    found += [folder for _, folder in task_dirs(run) if any((folder / name).exists() for name in TASK_FILES)]
+    return found
+
+
+def clear_run(run: str | Path) -> list[Path]:
+    """Remove what a run writes into its folder (config, provenance, metrics, task folders); other
+    files (logs, a user's own) stay. Returns what was removed."""
+    import shutil
+
+    run = Path(run)
+    removed = []
+    for name in (METRICS, MATRIX, CONFIG, RUN_INFO):
+        if (run / name).is_file():
+            (run / name).unlink()
+            removed.append(run / name)
+    for _, folder in task_dirs(run):
+        shutil.rmtree(folder)
+        removed.append(folder)
+    return removed
 
 
 def run_metrics(run: str | Path) -> dict[str, Any]:
