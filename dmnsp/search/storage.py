@@ -4,6 +4,8 @@ trials so that a killed worker's trial is failed and retried; creating and loadi
 from __future__ import annotations
 
 import os
+import re
+import socket
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -82,33 +84,168 @@ def is_url(storage: str) -> bool:
     return bool(sep) and head.replace("+", "").replace("_", "").isalnum()
 
 
+#: Seconds a storage check waits for a database server (TCP connect, then the driver's own
+#: connection with its handshake) before it gives up naming the server.
+CONNECT_TIMEOUT = 10.0
+#: Default ports of the network databases SQLAlchemy knows, for the TCP probe.
+_DEFAULT_PORTS = {"postgresql": 5432, "mysql": 3306, "mariadb": 3306, "mssql": 1433, "oracle": 1521}
+_VARIABLE = re.compile(r"\$(?:\{(\w+)\}|(\w+))")
+_URL_EXAMPLE = "postgresql+psycopg://user:${PGPASSWORD}@host:5432/db, or a journal file path"
+
+
+def storage_target(storage: str) -> str:
+    """``storage`` with its ``$VAR`` / ``${VAR}`` taken from the environment; an unset variable is a
+    :class:`SearchError` naming it (never used literally: not as a folder name, not as a password)."""
+    unset = sorted({a or b for a, b in _VARIABLE.findall(storage)} - set(os.environ))
+    if unset:
+        shown = re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", storage)  # never print a password
+        raise SearchError(
+            f"search.storage {shown!r} uses the unset environment variable(s) {', '.join(unset)}; "
+            f"export {unset[0]}=... before running (or write the value into the URL)"
+        )
+    return os.path.expandvars(storage)
+
+
+def _connect_args(url: Any) -> dict[str, Any]:
+    """Driver arguments that bound the time a connection may take."""
+    if url.get_backend_name() in ("postgresql", "mysql", "mariadb"):
+        return {"connect_timeout": max(1, round(CONNECT_TIMEOUT))}
+    return {}
+
+
+def _probe(host: str, port: int, shown: str) -> None:
+    """A TCP connection to the database server, with a timeout: names an unknown host, a closed port
+    or a server that does not answer before the driver gets to hang on it."""
+    try:
+        with socket.create_connection((host, port), timeout=CONNECT_TIMEOUT):
+            return
+    except socket.gaierror as exc:
+        why = f"the host {host!r} is unknown ({exc.strerror}); check the host name"
+    except ConnectionRefusedError:
+        why = f"nothing listens on {host}:{port} (connection refused); start the database server or fix the port"
+    except TimeoutError:
+        why = f"{host}:{port} did not answer within {CONNECT_TIMEOUT:g} s; check the server, the network or a firewall"
+    except OSError as exc:
+        why = f"{host}:{port} cannot be reached ({exc.strerror or exc}); check the host and port"
+    raise SearchError(f"search.storage {shown}: {why}")
+
+
+def _check_url(target: str, raw: str) -> None:
+    """Parse, load the driver and connect once (with :data:`CONNECT_TIMEOUT`); one line per problem."""
+    import sqlalchemy
+    from sqlalchemy.engine import make_url
+
+    try:
+        url = make_url(target)
+    except (ValueError, sqlalchemy.exc.ArgumentError) as exc:
+        raise SearchError(
+            f"search.storage {raw!r} is not a database URL ({exc}); give e.g. {_URL_EXAMPLE}"
+        ) from None
+    shown = url.render_as_string(hide_password=True)
+    try:
+        url.get_dialect().import_dbapi()
+    except sqlalchemy.exc.NoSuchModuleError:
+        raise SearchError(
+            f"search.storage {shown}: SQLAlchemy knows no database {url.drivername!r}; give e.g. {_URL_EXAMPLE}"
+        ) from None
+    except ImportError as exc:
+        raise SearchError(
+            f"search.storage {shown}: the database driver {url.get_driver_name()!r} is not installed ({exc}); "
+            f"pip install it, or use another driver in the URL"
+        ) from None
+    if url.get_backend_name() == "sqlite":
+        database = url.database or ""
+        if database and database != ":memory:" and not database.startswith("file:"):
+            _make_folder(Path(database).parent, shown)
+    elif url.host and not url.host.startswith("/"):
+        _probe(url.host, url.port or _DEFAULT_PORTS.get(url.get_backend_name(), 0), shown)
+    engine = sqlalchemy.create_engine(
+        url, connect_args=_connect_args(url), poolclass=sqlalchemy.pool.NullPool
+    )
+    try:
+        with engine.connect() as connection:
+            connection.execute(sqlalchemy.text("SELECT 1"))
+    except sqlalchemy.exc.SQLAlchemyError as exc:
+        first = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        raise SearchError(
+            f"search.storage {shown}: cannot connect ({first}); check the URL and the server"
+        ) from None
+    finally:
+        engine.dispose()
+
+
+def _make_folder(folder: Path, shown: str) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SearchError(
+            f"search.storage {shown}: cannot create the folder {folder} ({exc.strerror}); choose a writable path"
+        ) from None
+
+
+def _check_journal(path: Path) -> None:
+    if path.is_dir():
+        raise SearchError(
+            f"search.storage {path} is a folder; give the journal file's path, e.g. {path / 'study.journal'}"
+        )
+    _make_folder(path.parent, str(path))
+    try:
+        with path.open("ab"):
+            pass
+    except OSError as exc:
+        raise SearchError(
+            f"search.storage {path}: cannot write the journal ({exc.strerror}); choose a writable path"
+        ) from None
+
+
+def check_storage(spec: Mapping[str, Any]) -> str:
+    """Check the study's storage once, before any worker starts: unset variables, a URL that does not
+    parse, a missing driver, an unknown host, a closed port, a server that does not answer within
+    :data:`CONNECT_TIMEOUT` seconds, a journal path that is a folder or cannot be written. Each is a
+    one-line :class:`SearchError` (a password in the URL is shown as ``***``).
+
+    Returns:
+        The storage with its variables expanded.
+    """
+    raw = str(spec["storage"])
+    target = storage_target(raw)
+    if is_url(target):
+        _check_url(target, raw)
+    else:
+        _check_journal(Path(target))
+    return target
+
+
 def open_storage(spec: Mapping[str, Any], retry: bool = True) -> optuna.storages.BaseStorage:
-    """The study's storage, with heartbeats and retries of stale trials.
+    """The study's storage, with heartbeats and retries of stale trials, checked first
+    (:func:`check_storage`: one connection with a timeout, a one-line error for each problem).
 
     ``spec["storage"]`` is a journal file path (created with its folder) or an SQLAlchemy URL;
     ``$VARS`` in it are expanded from the environment here, so a password need not be written into
-    the config (``postgresql+psycopg://user:${PGPASSWORD}@host/db``).
+    the config (``postgresql+psycopg://user:${PGPASSWORD}@host/db``); an unset one is an error.
 
     Args:
         spec: the search spec (``storage``, ``heartbeat_interval``, ``grace_period``, ``max_retry``).
         retry: re-enqueue stale trials (False for read-only uses such as the export).
     """
-    target = os.path.expandvars(str(spec["storage"]))
+    target = check_storage(spec)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         callback = RetryHeartbeatStaleTrialCallback(max_retry=spec["max_retry"]) if retry else None
     kwargs = {"heartbeat_interval": spec["heartbeat_interval"], "grace_period": spec["grace_period"]}
     if is_url(target):
-        engine = {"pool_pre_ping": True} if not target.startswith("sqlite") else {}
+        from sqlalchemy.engine import make_url
+
+        engine: dict[str, Any] = {"connect_args": _connect_args(make_url(target))}
+        if not target.startswith("sqlite"):
+            engine["pool_pre_ping"] = True
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return optuna.storages.RDBStorage(
                 target, engine_kwargs=engine, heartbeat_stale_trial_callback=callback, **kwargs
             )
-    path = Path(target)
-    path.parent.mkdir(parents=True, exist_ok=True)
     return HeartbeatJournalStorage(
-        JournalFileBackend(str(path)), heartbeat_stale_trial_callback=callback, **kwargs
+        JournalFileBackend(str(Path(target))), heartbeat_stale_trial_callback=callback, **kwargs
     )
 
 
