@@ -115,14 +115,43 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if ".adapter." in k}
 
 
+class AdapterMismatchError(ValueError):
+    """Saved adapter state (or method state) that does not fit the model's adapters."""
+
+
+def state_mismatch(
+    model: nn.Module, state: dict[str, torch.Tensor], bases: dict[str, list[torch.Tensor]] | None = None
+) -> str | None:
+    """Why ``state`` (adapter parameters) and ``bases`` (per tower, per layer, rows = the adapter's
+    output width) do not fit ``model``'s adapters, or None when they do."""
+    own = {k: v for k, v in model.state_dict().items() if ".adapter." in k}
+    if set(state) != set(own):
+        missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        return f"adapter names differ (missing {missing[:3]}, unexpected {extra[:3]})"
+    for name, value in state.items():
+        if tuple(value.shape) != tuple(own[name].shape):
+            return f"adapter {name} is {list(value.shape)}, the model's is {list(own[name].shape)}"
+    for tower, vs in (bases or {}).items():
+        if tower not in TOWERS:
+            return f"bases of an unknown tower {tower!r}"
+        widths = [a.up.weight.shape[0] for a in adapters(model, tower)]
+        if len(vs) != len(widths):
+            return f"{len(vs)} {tower} bases for {len(widths)} layers"
+        for layer, (v, width) in enumerate(zip(vs, widths, strict=True)):
+            if v.shape[0] != width:
+                return f"{tower} basis {layer} has {v.shape[0]} rows, the adapter's width is {width}"
+    return None
+
+
 def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Load adapter parameters saved by :func:`adapter_state_dict` (strict on adapter keys)."""
-    own = {k for k in model.state_dict() if ".adapter." in k}
-    if set(state) != own:
-        missing, extra = sorted(own - set(state)), sorted(set(state) - own)
-        raise ValueError(
-            f"adapter state does not match the model (missing {missing[:3]}, unexpected {extra[:3]})"
-        )
+    """Load adapter parameters saved by :func:`adapter_state_dict` (strict on adapter names and shapes).
+
+    Raises:
+        AdapterMismatchError: names or shapes differ from the model's adapters.
+    """
+    why = state_mismatch(model, state)
+    if why is not None:
+        raise AdapterMismatchError(f"adapter state does not match the model: {why}")
     model.load_state_dict(state, strict=False)
 
 

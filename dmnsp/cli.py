@@ -125,11 +125,12 @@ def cmd_evaluate(args) -> int:
     from .adapters import load_adapter_state_dict
     from .checkpoint import load_checkpoint
     from .io import atomic_write_json
-    from .runner import Session
+    from .runner import Session, check_state_fits
 
     cfg = _load(args)
     state = load_checkpoint(args.checkpoint, cfg)
     session = Session(cfg, progress=not args.quiet)
+    check_state_fits(session.model, state, args.checkpoint, cfg)
     load_adapter_state_dict(session.model, state.adapters)
     row = session.evaluate(state.task)
     if args.out:

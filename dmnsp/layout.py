@@ -136,9 +136,17 @@ def has_results(run: str | Path) -> bool:
 
 
 def read_run_config(run: str | Path) -> dict:
-    """The run's resolved ``config.yaml`` (empty when absent)."""
+    """The run's resolved ``config.yaml`` (empty when absent); a damaged one is a user error."""
     path = Path(run) / CONFIG
-    return (read_yaml_file(path, "run config") or {}) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    config = read_yaml_file(path, "run config") or {}
+    if not isinstance(config, dict):
+        raise ConfigError(
+            f"run config {path} is not a mapping of run keys; delete it and rewrite it "
+            f"(`dmnsp prepare-run`, or `snakemake` reruns prepare_run for {run})"
+        )
+    return config
 
 
 def read_run_info(run: str | Path) -> dict | None:

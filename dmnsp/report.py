@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from .aggregate import collect_runs, health_warnings, load_reference, write_tables_from
+from .io import OutputError
 
 
 def make_report_artifacts(
@@ -26,7 +27,12 @@ def make_report_artifacts(
     from . import plots  # matplotlib is an optional extra: import only when figures are asked for
 
     run_dirs = list(run_dirs)
-    Path(plots_dir).mkdir(parents=True, exist_ok=True)  # exists even when there is nothing to draw
+    try:  # the folder exists even when there is nothing to draw
+        Path(plots_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(
+            exc.errno, f"cannot write into {plots_dir}: {exc.strerror}; choose another --plots-dir"
+        ) from None
     reference = load_reference()
     runs = collect_runs(run_dirs)
     tables, summary = write_tables_from(runs, tables_dir, expected_seeds, reference)

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from .adapters import adapter_state_dict, load_adapter_state_dict
-from .checkpoint import TaskState, load_checkpoint
+from .adapters import adapter_state_dict, load_adapter_state_dict, state_mismatch
+from .checkpoint import CheckpointError, TaskState, load_checkpoint
 from .config import ConfigError
 from .datasets import DatasetSplits, load_dataset
 from .devices import available_cores, pick_device, set_threads
@@ -153,9 +153,22 @@ def run_one_task(
     # Check the checkpoint before the (slow) model and data build.
     state = load_checkpoint(resume, cfg, expect_task=task - 1) if task > 0 else TaskState()
     session = Session(cfg, progress)
+    if task > 0:
+        check_state_fits(session.model, state, resume, cfg)
     state, row, diag = session.run_task(task, state)
     write_task_outputs(out_dir, state, row, diag, cfg)
     return row
+
+
+def check_state_fits(model: torch.nn.Module, state: TaskState, path: str | Path, cfg: dict) -> None:
+    """A checkpoint whose adapters or bases do not fit the model (a valid checksum, but crafted or
+    altered contents: the config hash already matched) is a :class:`CheckpointError` naming the file."""
+    why = state_mismatch(model, state.adapters, state.bases)
+    if why is not None:
+        raise CheckpointError(
+            f"checkpoint {path} does not fit {cfg['model_name']} with adapter_dim {cfg['adapter_dim']} ({why}); "
+            f"it was altered or damaged: delete it and rerun task {state.task} (or start the run again)"
+        )
 
 
 def run_all(
