@@ -3,6 +3,7 @@ miniature end-to-end runs including a kill-and-resume."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -14,6 +15,7 @@ import time
 from functools import cache
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -289,7 +291,8 @@ def finished_run(tmp_path_factory, data_root):
     workdir = tmp_path_factory.mktemp("mini")
     config = mini_config(workdir, data_root)
     start = time.perf_counter()
-    snakemake("--cores", "2", "--configfile", str(config), cwd=workdir, timeout=300)
+    proc = snakemake("--cores", "2", "--configfile", str(config), cwd=workdir, timeout=300)
+    (workdir / "snakemake.stderr").write_text(proc.stderr)  # the console, as the user saw it
     return workdir, config, time.perf_counter() - start
 
 
@@ -301,6 +304,7 @@ def test_miniature_workflow_end_to_end(finished_run):
         "summary.md",
         "summary.csv",
         "summary.tex",
+        "summary.html",
         "runs.csv",
         "hyperparameters.csv",
         "hyperparameters.md",
@@ -328,6 +332,17 @@ def test_miniature_workflow_end_to_end(finished_run):
     snakemake("--report", "report.html", "--configfile", str(config), cwd=workdir)
     html = (workdir / "report.html").read_text(errors="replace")
     assert "summary.csv" in html and ".png" in html
+    # Health: the miniature's 3-step pretraining leaves runs near chance. Whatever the runs'
+    # flags are, the aggregate job's warnings reach the console and the report's inline table.
+    runs = pd.read_csv(tables / "runs.csv", keep_default_na=False)
+    flagged = (runs["health"] != "").any() or "§" in (tables / "summary.md").read_text()
+    console = (workdir / "snakemake.stderr").read_text()
+    assert ("dmnsp report-artifacts: warning:" in console) == flagged
+    embedded = re.search(r"data:text/html;charset=utf8;filename=summary.html;base64,([A-Za-z0-9+/=]+)", html)
+    page = base64.b64decode(embedded.group(1)).decode()
+    assert "Results (accuracy, %)" in page and ("WARNING: " in page) == ("warning:" in console)
+    for run_dir in metrics:
+        assert {"collapsed", "at_chance", "top_class_share", "steps"} <= set(metrics[run_dir]["health"])
 
 
 @pytest.mark.slow
