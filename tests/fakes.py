@@ -214,3 +214,42 @@ def make_fake_splits(
         class_names=[f"class {i}" for i in range(n_classes)],
         default_class_order=list(range(n_classes)),
     )
+
+
+# ------------------------------------------------------------------------------- real runs, tiny
+#: A run on the real offline Fashion-MNIST (Debian's files) with the tiny CLIP at random weights:
+#: 2 tasks of 5 classes, a few images and optimiser steps (a second or two per task on 2 cores).
+MINI_RUN = {
+    "dataset": "fashion-mnist",
+    "model_name": "dmnsp-tiny",
+    "pretrained": None,
+    "initial_increment": 5,
+    "increment": 5,
+    "max_train_per_class": 16,
+    "max_test_per_class": 8,
+    "adapter_dim": 4,
+    "batch_size": 16,
+    "epochs": 1,
+    "max_steps": 2,
+    "warmup_steps": 0,
+    "device": "cpu",
+    "threads": 1,
+    "num_workers": 0,
+}
+
+
+def mini_run_config(root: Path, **changes: object) -> Path:
+    """``root/run.yaml`` holding :data:`MINI_RUN` with ``changes`` (datasets decompressed under
+    ``root/data`` on first use); skips the test when Fashion-MNIST is not installed."""
+    import pytest
+    import yaml
+
+    from dmnsp.datasets import FASHION_MNIST_DEBIAN_DIR
+
+    if not FASHION_MNIST_DEBIAN_DIR.is_dir():
+        pytest.skip(
+            f"Fashion-MNIST not installed in {FASHION_MNIST_DEBIAN_DIR} (apt-get install dataset-fashion-mnist)"
+        )
+    path = root / "run.yaml"
+    path.write_text(yaml.safe_dump({**MINI_RUN, "dataset_root": str(root / "data"), **changes}))
+    return path

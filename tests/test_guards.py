@@ -12,32 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from fakes import mini_run_config
 
 import dmnsp.io as dio
 from dmnsp import layout
 from dmnsp.checkpoint import load_checkpoint, save_checkpoint
 from dmnsp.cli import main
 from dmnsp.config import load_config
-from dmnsp.datasets import FASHION_MNIST_DEBIAN_DIR
-
-RUN = {
-    "dataset": "fashion-mnist",
-    "model_name": "dmnsp-tiny",
-    "pretrained": None,
-    "initial_increment": 5,
-    "increment": 5,
-    "max_train_per_class": 16,
-    "max_test_per_class": 8,
-    "adapter_dim": 4,
-    "batch_size": 16,
-    "epochs": 1,
-    "max_steps": 2,
-    "warmup_steps": 0,
-    "method": "dmnsp",
-    "device": "cpu",
-    "threads": 1,
-    "num_workers": 0,
-}
 
 
 def one_line_error(capsys) -> str:
@@ -56,11 +37,8 @@ def _keep_torch_threads():
 @pytest.fixture(scope="module")
 def task0(tmp_path_factory) -> tuple[Path, Path]:
     """A run config and its real task-0 folder (checkpoint with dmnsp bases)."""
-    if not FASHION_MNIST_DEBIAN_DIR.is_dir():
-        pytest.skip(f"Fashion-MNIST not installed in {FASHION_MNIST_DEBIAN_DIR}")
     root = tmp_path_factory.mktemp("guards")
-    config = root / "run.yaml"
-    config.write_text(yaml.safe_dump({**RUN, "dataset_root": str(root / "data")}))
+    config = mini_run_config(root, method="dmnsp")
     out = root / "run" / "task0"
     assert main(["train-task", "--quiet", "--config", str(config), "--task", "0", "--out-dir", str(out)]) == 0
     return config, out / "checkpoint.pt"

@@ -17,11 +17,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from fakes import mini_run_config
 
 from dmnsp import aggregate as agg
 from dmnsp import layout, metrics, report
 from dmnsp.cli import main
-from dmnsp.datasets import FASHION_MNIST_DEBIAN_DIR
 from dmnsp.pretrain import health as pretrain_health
 
 N_CLASSES, INCREMENT = 10, 2
@@ -292,32 +292,12 @@ def test_identical_only_when_every_method_and_every_seed_agree(tmp_path):
 
 
 # ------------------------------------------------------------------------------- end to end
-RUN = {
-    "dataset": "fashion-mnist",
-    "model_name": "dmnsp-tiny",
-    "pretrained": None,
-    "initial_increment": 5,
-    "increment": 5,
-    "max_train_per_class": 16,
-    "max_test_per_class": 16,
-    "adapter_dim": 4,
-    "batch_size": 16,
-    "epochs": 1,
-    "max_steps": 3,
-    "warmup_steps": 0,
-    "device": "cpu",
-    "threads": 1,
-    "num_workers": 0,
-}
 
 
 def test_end_to_end_every_method_identical_is_flagged_and_a_learning_run_is_not(tmp_path, capsys):
     """Real runs through the CLI: with lr 1e-30 training changes nothing, so zeroshot, finetune
     and dmnsp give the identical matrix (the issue's symptom); with lr 0.01 they differ."""
-    if not FASHION_MNIST_DEBIAN_DIR.is_dir():
-        pytest.skip(f"Fashion-MNIST not installed in {FASHION_MNIST_DEBIAN_DIR}")
-    config = tmp_path / "run.yaml"
-    config.write_text(yaml.safe_dump({**RUN, "dataset_root": str(tmp_path / "data")}))
+    config = mini_run_config(tmp_path, max_test_per_class=16, max_steps=3)
     for lr in (1e-30, 0.01):
         runs = []
         for method in ("zeroshot", "finetune", "dmnsp"):

@@ -16,42 +16,18 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
+from fakes import mini_run_config
 
 from dmnsp import guard, layout
 from dmnsp.cli import main
 from dmnsp.config import load_config
-from dmnsp.datasets import FASHION_MNIST_DEBIAN_DIR
 
-RUN = {
-    "dataset": "fashion-mnist",
-    "model_name": "dmnsp-tiny",
-    "pretrained": None,
-    "initial_increment": 5,
-    "increment": 5,  # 2 tasks
-    "max_train_per_class": 16,
-    "max_test_per_class": 8,
-    "adapter_dim": 4,
-    "batch_size": 16,
-    "epochs": 1,
-    "max_steps": 2,
-    "warmup_steps": 0,
-    "method": "finetune",
-    "device": "cpu",
-    "threads": 1,
-    "num_workers": 0,
-}
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
 
 
 @pytest.fixture(scope="module")
 def config(tmp_path_factory) -> Path:
-    if not FASHION_MNIST_DEBIAN_DIR.is_dir():
-        pytest.skip(f"Fashion-MNIST not installed in {FASHION_MNIST_DEBIAN_DIR}")
-    root = tmp_path_factory.mktemp("outdir")
-    path = root / "run.yaml"
-    path.write_text(yaml.safe_dump({**RUN, "dataset_root": str(root / "data")}))
-    return path
+    return mini_run_config(tmp_path_factory.mktemp("outdir"), method="finetune")
 
 
 def one_line_error(capsys) -> str:
