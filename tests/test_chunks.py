@@ -9,7 +9,12 @@ literal task folders plus its wildcard constraints) matches the task's files.
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -327,39 +332,110 @@ def test_chunk_jobs_plan_with_per_task_runtime_and_train_task_settings(tmp_path)
     assert "--tasks 2-3 --resume " in proc.stdout and "/task1/checkpoint.pt --run-dir " in proc.stdout
 
 
-@pytest.mark.slow
-def test_workflow_with_tasks_per_job_matches_one_task_per_job(tmp_path):
-    """The miniature workflow on 5 tasks of dmnsp at 1 and 3 tasks per job: the same eval.json and
-    diagnostics.json for every task; chunk logs and benchmarks; keep_checkpoints: false deletes
-    every checkpoint, those inside a chunk included."""
+def test_search_followup_runs_are_chunked_like_their_experiment(tmp_path):
+    """The search's follow-up runs join their experiment after the chunk rules are planned: its
+    rules (experiment-wide constraints) still give them one job per chunk."""
+    from test_workflow import ROOT, job_counts, snakemake
+
+    cfg = yaml.safe_load((ROOT / "config" / "search-example.yaml").read_text())
+    cfg["tasks_per_job"] = 2
+    path = tmp_path / "search.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    counts = job_counts(snakemake("-n", "--quiet", "rules", "--configfile", str(path), cwd=tmp_path).stdout)
+    # 2 grid runs and 2 follow-up runs (the best setting over 2 seeds) of 5 tasks: jobs 0-1, 2-3, 4.
+    assert counts["search_prepare_run"] == 2 and counts["prepare_run"] == 2
+    assert counts["train_tasks_0_1"] == counts["train_tasks_2_3"] == counts["train_tasks_4_4"] == 4
+    assert "train_task" not in counts
+
+
+def _workflow_run(work: Path, data: Path, k: int, *extra: str) -> dict[str, int]:
+    """The 5-task dmnsp workflow at ``k`` tasks per job in ``work``; its training jobs by rule."""
     from test_workflow import job_counts, snakemake
 
+    work.mkdir(exist_ok=True)
+    path = _workflow_config(work / "config.yaml", data, ["dmnsp"], tasks_per_job=k)
+    proc = snakemake("--cores", "2", "--configfile", str(path), *extra, cwd=work, timeout=600)
+    assert "Nothing to be done" in snakemake("-n", "--configfile", str(path), cwd=work).stdout
+    counts = job_counts(proc.stdout + proc.stderr)
+    return {rule: n for rule, n in counts.items() if rule.startswith("train_task")}
+
+
+def _run_folder(work: Path) -> Path:
+    (metrics,) = (work / "results").rglob("metrics.json")
+    return metrics.parent
+
+
+def _same_tasks(reference: Path, other: Path) -> None:
+    for t in range(N_TASKS):
+        for name in ("eval.json", "diagnostics.json"):
+            a, b = (json.loads((d / f"task{t}" / name).read_text()) for d in (reference, other))
+            assert _without_timing(a) == _without_timing(b), (t, name)
+    metrics = [json.loads((d / "metrics.json").read_text()) for d in (reference, other)]
+    assert metrics[0]["avg"] == metrics[1]["avg"] and metrics[0]["last"] == metrics[1]["last"]
+
+
+@pytest.fixture(scope="module")
+def one_per_job_workflow(tmp_path_factory) -> tuple[Path, Path]:
+    """The 5-task dmnsp workflow at one task per job: (its run folder, the data root)."""
     if not FASHION_MNIST_DEBIAN_DIR.is_dir():
         pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
-    data = tmp_path / "data"
-    works = {}
-    for k in (1, 3):
-        work = tmp_path / f"k{k}"
-        work.mkdir()
-        path = _workflow_config(work / "config.yaml", data, ["dmnsp"], tasks_per_job=k)
-        proc = snakemake("--cores", "2", "--configfile", str(path), cwd=work, timeout=600)
-        counts = job_counts(proc.stdout + proc.stderr)
-        trained = {rule: n for rule, n in counts.items() if rule.startswith("train_task")}
-        assert trained == ({"train_task": 5} if k == 1 else {"train_tasks_0_2": 1, "train_tasks_3_4": 1})
-        assert "Nothing to be done" in snakemake("-n", "--configfile", str(path), cwd=work).stdout
-        works[k] = work
-    runs = sorted(p.parent for p in (works[1] / "results").rglob("metrics.json"))
-    assert len(runs) == 1
-    for run in runs:
-        rel = run.relative_to(works[1])
-        chunked = works[3] / rel
-        for t in range(N_TASKS):
-            for name in ("eval.json", "diagnostics.json"):
-                a, b = (json.loads((d / f"task{t}" / name).read_text()) for d in (run, chunked))
-                assert _without_timing(a) == _without_timing(b), (rel, t, name)
-        for first, last in ((0, 2), (3, 4)):
-            assert (chunked / "logs" / f"train_tasks{first}-{last}.log").is_file()
-            assert (chunked / "benchmarks" / f"train_tasks{first}-{last}.tsv").is_file()
-        assert not list(chunked.rglob("checkpoint.pt")) and not list(run.rglob("checkpoint.pt"))
-        metrics = [json.loads((d / "metrics.json").read_text()) for d in (run, chunked)]
-        assert metrics[0]["avg"] == metrics[1]["avg"] and metrics[0]["last"] == metrics[1]["last"]
+    tmp = tmp_path_factory.mktemp("k1")
+    assert _workflow_run(tmp / "work", tmp / "data", 1) == {"train_task": 5}
+    return _run_folder(tmp / "work"), tmp / "data"
+
+
+@pytest.mark.slow
+def test_workflow_with_tasks_per_job_matches_one_task_per_job(one_per_job_workflow, tmp_path):
+    """At 3 tasks per job: jobs 0-2 and 3-4, every task's eval.json and diagnostics.json as at one
+    per job, chunk logs and benchmarks; keep_checkpoints: false deletes every checkpoint, those
+    inside a chunk included."""
+    reference, data = one_per_job_workflow
+    assert _workflow_run(tmp_path, data, 3) == {"train_tasks_0_2": 1, "train_tasks_3_4": 1}
+    run = _run_folder(tmp_path)
+    _same_tasks(reference, run)
+    for first, last in ((0, 2), (3, 4)):
+        assert (run / "logs" / f"train_tasks{first}-{last}.log").is_file()
+        assert (run / "benchmarks" / f"train_tasks{first}-{last}.tsv").is_file()
+    assert not list(run.rglob("checkpoint.pt")) and not list(reference.rglob("checkpoint.pt"))
+
+
+@pytest.mark.slow
+def test_killed_chunk_job_reruns_all_its_tasks_to_the_same_results(one_per_job_workflow, tmp_path):
+    """A job is the unit of loss: Snakemake killed while a 5-task job has finished two tasks; the
+    rerun (--rerun-incomplete) trains the whole job again, tasks 0 and 1 included, and ends with
+    the results of one task per job."""
+    from test_workflow import ENV, SNAKEFILE, snakemake
+
+    reference, data = one_per_job_workflow
+    tmp_path.mkdir(exist_ok=True)
+    path = _workflow_config(tmp_path / "config.yaml", data, ["dmnsp"], tasks_per_job=5)
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(SNAKEFILE), "--directory", str(tmp_path)]
+    proc = subprocess.Popen(
+        [*cmd, "--cores", "2", "--configfile", str(path)],
+        cwd=tmp_path,
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    runs = tmp_path / "results" / "test" / "runs"
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            if list(runs.glob("**/task1/eval.json")):
+                break
+            time.sleep(0.1)
+        assert proc.poll() is None, "the workflow finished before its job could be killed"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    (finished,) = runs.glob("**/task1/eval.json")
+    run = finished.parent.parent
+    assert not (run / "task4" / "eval.json").exists()
+    written = {t: (run / f"task{t}" / "eval.json").stat().st_mtime_ns for t in (0, 1)}
+    snakemake("--unlock", "--configfile", str(path), cwd=tmp_path)
+    rerun = snakemake("--cores", "2", "--rerun-incomplete", "--configfile", str(path), cwd=tmp_path)
+    assert "train_tasks_0_4" in rerun.stdout + rerun.stderr
+    for t, mtime in written.items():  # the finished tasks were trained and written again
+        assert (run / f"task{t}" / "eval.json").stat().st_mtime_ns > mtime, t
+    _same_tasks(reference, run)

@@ -105,10 +105,11 @@ for chunk in CHUNK_RULES:
             runtime=job_resource("train_task", "runtime", tasks=len(chunk.tasks)),
             gpu=job_resource("train_task", "gpu"),
         params:
-            # (The shell command is formatted when the job runs: no loop variable in it.)
+            # The shell command is formatted when the job runs: no loop variable in it. Plain
+            # strings (wildcards filled in), unlike functions, cost nothing per job in planning.
             tasks=f"{chunk.first}-{chunk.last}",
             resume=get_resume_option,
-            run_dir=get_run_dir,
+            run_dir=RUN,
         shell:
             "OMP_NUM_THREADS={threads} python -m dmnsp train-task --quiet --config {input.config}"
             " --tasks {params.tasks} {params.resume} --run-dir {params.run_dir} > {log} 2>&1"
