@@ -5,10 +5,10 @@
     .venv/bin/python benchmarks/dag.py --skip-jobs --baseline /tmp/dmnsp-before   # before/after in one run
     .venv/bin/python benchmarks/dag.py --skip-jobs --profile  # + where a grid dry-run spends its time
 
-Part 1: ``snakemake -n`` (dry-run, nothing executed) of ``config/paper/cifar100-10-10.yaml`` (290
-jobs) and of a grid of 3 seeds x 27 points (TOP_SELECT x TOP_K_RATIO x LAMBDA_SCALE, 3 values
-each) on CIFAR100 2-2, built from ``config/paper/cifar100-2-2.yaml`` with its methods and ablations
-(21,842 jobs), run side by side: the configs alternate within every repetition, so both see the
+Part 1: ``snakemake -n`` (dry-run, nothing executed) of ``config/paper/cifar100-10-10.yaml`` (110
+jobs at its 5 tasks per job) and of a grid of 3 seeds x 27 points (TOP_SELECT x TOP_K_RATIO x
+LAMBDA_SCALE, 3 values each) on CIFAR100 2-2, built from ``config/paper/cifar100-2-2.yaml`` with its
+methods, ablations and tasks per job (5,078 jobs), run side by side: the configs alternate within every repetition, so both see the
 same machine load. Reported per config: wall time of the whole command (interpreter start and
 Snakemake's imports included) and its CPU time (user + system of the child, from ``wait4``; less
 sensitive to other processes on a shared machine), job counts, peak RSS. Target: the grid plans

@@ -10,8 +10,8 @@ within every repetition so that all see the same machine load. Reported per valu
 time of Snakemake and every job it ran (user + system, from ``wait4``), the job counts, and whether
 every run's metrics equal those of the first value (they must: k only changes how tasks are grouped
 into processes). ``default`` leaves the config as it is; any other value is written at ``--key``, a
-dotted path into the workflow config where ``*`` stands for every experiment (e.g.
-``experiments.*.run.tasks_per_job``), so the harness does not presume where the setting will live.
+dotted path into the workflow config where ``*`` stands for every experiment (``tasks_per_job``,
+the top-level key, or ``experiments.*.tasks_per_job``).
 Fashion-MNIST is prepared once and linked into every run's folder.
 """
 
