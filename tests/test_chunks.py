@@ -397,6 +397,16 @@ def test_workflow_with_tasks_per_job_matches_one_task_per_job(one_per_job_workfl
         assert (run / "logs" / f"train_tasks{first}-{last}.log").is_file()
         assert (run / "benchmarks" / f"train_tasks{first}-{last}.tsv").is_file()
     assert not list(run.rglob("checkpoint.pt")) and not list(reference.rglob("checkpoint.pt"))
+    # Changing tasks_per_job afterwards: Snakemake sees new rules, commands and inputs and would
+    # retrain every task; `snakemake --touch` once records the finished tasks under the new rules.
+    from test_workflow import job_counts, snakemake
+
+    path = _workflow_config(tmp_path / "config.yaml", data, ["dmnsp"], tasks_per_job=1)
+    planned = job_counts(snakemake("-n", "--quiet", "rules", "--configfile", str(path), cwd=tmp_path).stdout)
+    assert planned.get("train_task") == N_TASKS
+    snakemake("--touch", "--cores", "1", "--configfile", str(path), cwd=tmp_path)
+    assert "Nothing to be done" in snakemake("-n", "--configfile", str(path), cwd=tmp_path).stdout
+    _same_tasks(reference, run)
 
 
 @pytest.mark.slow
