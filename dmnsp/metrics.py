@@ -18,10 +18,12 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 __all__ = [
     "average_incremental_accuracy",
@@ -338,6 +340,8 @@ def metrics_from_rows(
 def accuracy_matrix_frame(R: np.ndarray | Sequence[Sequence[float | None]]) -> pd.DataFrame:
     """``R`` (an array, or nested lists with None for unknown entries) as a DataFrame with rows
     ``after_task_i`` and columns ``task_j``."""
+    import pandas as pd  # only the metrics stage writes tables; task jobs never load pandas
+
     R = np.asarray(R, dtype=float).reshape(len(R), len(R))
     return pd.DataFrame(
         R,
