@@ -5,18 +5,18 @@
     .venv/bin/python benchmarks/dag.py --skip-jobs --baseline /tmp/dmnsp-before   # before/after in one run
     .venv/bin/python benchmarks/dag.py --skip-jobs --profile  # + where a grid dry-run spends its time
 
-Part 1: ``snakemake -n`` (dry-run, nothing executed) of ``config/paper/cifar100-10-10.yaml`` (290
-jobs) and of a grid of 3 seeds x 27 points (TOP_SELECT x TOP_K_RATIO x LAMBDA_SCALE, 3 values
-each) on CIFAR100 2-2, built from ``config/paper/cifar100-2-2.yaml`` with its methods and ablations
-(21,842 jobs), run side by side: the configs alternate within every repetition, so both see the
+Part 1: ``snakemake -n`` (dry-run, nothing executed) of ``config/paper/cifar100-10-10.yaml`` (110
+jobs at its 5 tasks per job) and of a grid of 3 seeds x 27 points (TOP_SELECT x TOP_K_RATIO x
+LAMBDA_SCALE, 3 values each) on CIFAR100 2-2, built from ``config/paper/cifar100-2-2.yaml`` with its
+methods, ablations and tasks per job (5,078 jobs), run side by side: the configs alternate within every repetition, so both see the
 same machine load. Reported per config: wall time of the whole command (interpreter start and
 Snakemake's imports included) and its CPU time (user + system of the child, from ``wait4``; less
 sensitive to other processes on a shared machine), job counts, peak RSS. Target: the grid plans
 in less than 3x the time of 10-10 (ratio of medians, wall and CPU both shown).
 
-Also planned (full mode): a grid on CIFAR100 10-10 with the same 81 points x ablations, which has
-4,200 train_task jobs: the size the 2-2 grid would have with 5 tasks per job (``tasks_per_job``).
-``--all-configs`` adds every other ``config/paper/*.yaml``. ``--baseline DIR`` plans every config
+Both configs plan with the ``tasks_per_job`` the paper configs ship (k consecutive tasks per
+training job); full mode also plans both at one task per job (k = 1), the DAG before
+``tasks_per_job``, side by side, with its own ratio. ``--all-configs`` adds every other ``config/paper/*.yaml``. ``--baseline DIR`` plans every config
 with DIR's Snakefile and DIR's ``dmnsp`` too (e.g. ``git worktree add DIR <commit>``), alternating
 with this tree's, for before/after figures from one run. ``--profile`` runs the grid's dry-run
 once under cProfile and prints where the time goes (DAG building, resource evaluation, printing
@@ -123,27 +123,54 @@ def dry_run(tree: Path, configfile: Path, workdir: Path) -> dict:
     return {**res, "counts": job_counts(res["output"])}
 
 
-def grid_config(tmp: Path, split: str = "2-2") -> Path:
-    """The paper config of CIFAR100 ``split`` with the 3 x 3 x 3 grid and 3 seeds."""
+def shipped_k(split: str = "10-10") -> int:
+    """The tasks_per_job of ``config/paper/cifar100-<split>.yaml``."""
+    cfg = yaml.safe_load((ROOT / "config" / "paper" / f"cifar100-{split}.yaml").read_text())
+    return int(cfg.get("tasks_per_job", 1))
+
+
+def paper_config(tmp: Path, split: str, tasks_per_job: int | None = None, grid: bool = False) -> Path:
+    """``config/paper/cifar100-<split>.yaml``, with the 3 x 3 x 3 grid and 3 seeds when ``grid``, and
+    ``tasks_per_job`` set when given (else as shipped)."""
     src = ROOT / "config" / "paper" / f"cifar100-{split}.yaml"
     cfg = yaml.safe_load(src.read_text())
-    ((name, exp),) = cfg["experiments"].items()
-    exp = copy.deepcopy(exp)
-    exp["grid"] = GRID
-    exp["seeds"] = [0, 1, 2]
-    cfg["experiments"] = {f"{name}-grid": exp}
-    return write_yaml(tmp / f"cifar100-{split}-grid.yaml", cfg)
+    if tasks_per_job == 1:  # the default: no key, so that a --baseline tree from before it plans it too
+        cfg.pop("tasks_per_job", None)
+    elif tasks_per_job is not None:
+        cfg["tasks_per_job"] = tasks_per_job
+    if grid:
+        ((name, exp),) = cfg["experiments"].items()
+        exp = copy.deepcopy(exp)
+        exp["grid"] = GRID
+        exp["seeds"] = [0, 1, 2]
+        cfg["experiments"] = {f"{name}-grid": exp}
+    suffix = f"{'-grid' if grid else ''}-k{cfg.get('tasks_per_job', 1)}"
+    return write_yaml(tmp / f"cifar100-{split}{suffix}.yaml", cfg)
 
 
-def planning_configs(quick: bool, all_configs: bool, tmp: Path) -> dict[str, Path]:
-    configs = {"cifar100-10-10": ROOT / "config" / "paper" / "cifar100-10-10.yaml"}
-    configs["cifar100-2-2 grid"] = grid_config(tmp, "2-2")
-    if not quick:
-        configs["cifar100-10-10 grid (= 2-2 grid at 5 tasks/job)"] = grid_config(tmp, "10-10")
+def grid_config(tmp: Path, split: str = "2-2") -> Path:
+    """The paper config of CIFAR100 ``split`` with the 3 x 3 x 3 grid and 3 seeds (tasks_per_job as shipped)."""
+    return paper_config(tmp, split, grid=True)
+
+
+def planning_configs(quick: bool, all_configs: bool, tmp: Path) -> dict[str, tuple[Path, str | None]]:
+    """Configs to plan: name -> (path, name of the config its time is divided by, or None)."""
+    k = shipped_k("2-2")
+    small, big = f"cifar100-10-10 (k={shipped_k()})", f"cifar100-2-2 grid (k={k})"
+    configs = {small: (ROOT / "config" / "paper" / "cifar100-10-10.yaml", None)}
+    configs[big] = (grid_config(tmp, "2-2"), small)
+    if not quick and (k != 1 or shipped_k() != 1):  # the same DAGs at one task per job
+        configs["cifar100-10-10 (k=1)"] = (paper_config(tmp, "10-10", 1), None)
+        configs["cifar100-2-2 grid (k=1)"] = (paper_config(tmp, "2-2", 1, grid=True), "cifar100-10-10 (k=1)")
     if all_configs:
         for path in sorted((ROOT / "config" / "paper").glob("*.yaml")):
-            configs.setdefault(path.stem, path)
+            configs.setdefault(path.stem, (path, None))
     return configs
+
+
+def train_jobs(counts: dict[str, int]) -> int:
+    """Training jobs: ``train_task`` (one task each) and the ``train_tasks_<first>_<last>`` chunks."""
+    return sum(n for rule, n in counts.items() if rule.startswith("train_task"))
 
 
 def planning(quick: bool, tmp: Path, reps: int, baseline: Path | None, all_configs: bool) -> list[list]:
@@ -151,7 +178,7 @@ def planning(quick: bool, tmp: Path, reps: int, baseline: Path | None, all_confi
     trees = {"this tree": ROOT} if baseline is None else {"baseline": baseline, "this tree": ROOT}
     runs: dict[tuple[str, str], list[dict]] = {}
     for rep in range(reps):  # side by side: every config and tree once per repetition
-        for name, path in configs.items():
+        for name, (path, _) in configs.items():
             for tree_name, tree in trees.items():
                 work = Path(tempfile.mkdtemp(prefix="dry-", dir=tmp))
                 res = dry_run(tree, path, work)
@@ -169,20 +196,19 @@ def planning(quick: bool, tmp: Path, reps: int, baseline: Path | None, all_confi
                 tree_name,
                 name,
                 counts.get("total", 0),
-                counts.get("train_task", 0),
+                train_jobs(counts),
                 spread([r["seconds"] for r in rs]),
                 spread([r["cpu_seconds"] for r in rs]),
                 f"{max(r['maxrss_mb'] for r in rs):.0f} MiB",
             ]
         )
-    print(table(rows, ["tree", "config", "jobs", "train_task", "snakemake -n wall", "CPU", "peak RSS"]))
+    print(table(rows, ["tree", "config", "jobs", "training jobs", "snakemake -n wall", "CPU", "peak RSS"]))
     targets = []
-    small = "cifar100-10-10"
     for tree_name in trees:
-        base = runs[(tree_name, small)]
-        for name in configs:
-            if "grid" not in name:
+        for name, (_, small) in configs.items():
+            if small is None:
                 continue
+            base = runs[(tree_name, small)]
             big = runs[(tree_name, name)]
             wall = median([r["seconds"] for r in big]) / median([r["seconds"] for r in base])
             cpu = median([r["cpu_seconds"] for r in big]) / median([r["cpu_seconds"] for r in base])

@@ -13,7 +13,9 @@ variant plans it in a fresh folder and runs it to the end, without preemption:
 - ``arrays``: plus ``slurm-array-jobs: train_task`` (snakemake-executor-plugin-slurm >= 2.x submits
   train_task jobs that are ready in the same scheduling round as one job array);
 - ``groups``: plus ``groups: [train_task=chain]`` and ``group-components: [chain=1]`` (a run's
-  chain of train_task jobs is one group job: one sbatch runs all its tasks in sequence).
+  chain of train_task jobs is one group job: one sbatch runs all its tasks in sequence);
+- ``tasks-per-job``: the shipped profile, the workflow config with ``tasks_per_job: 2`` (one
+  training job per run trains both its tasks in one process; ``--tasks-per-job K`` for another k).
 
 Counted from the scheduler's own records: the distinct SLURM job ids (an array's tasks share one)
 of the jobs named with the Snakemake run's id, i.e. the sbatch calls this run made, whatever else
@@ -50,7 +52,9 @@ VARIANTS = {
     "per-job": {},
     "arrays": {"slurm-array-jobs": "train_task"},
     "groups": {"groups": ["train_task=chain"], "group-components": ["chain=1"]},
+    "tasks-per-job": {},  # a workflow config setting, not a profile one: see CONFIG_VARIANTS
 }
+CONFIG_VARIANTS = {"tasks-per-job": "tasks_per_job"}
 
 
 def cluster() -> Cluster:
@@ -72,11 +76,15 @@ def cluster() -> Cluster:
     return Cluster(partition, "sacct" if use_sacct else "squeue", int(cpus), int(memory.rstrip("+")))
 
 
-def run_variant(name: str, extra: dict, slurm: Cluster, tmp: Path) -> dict:
+def run_variant(name: str, extra: dict, slurm: Cluster, tmp: Path, tasks_per_job: int = 2) -> dict:
     base = tmp / name
     workdir = base / "work"
     workdir.mkdir(parents=True)
     config = miniature_config(base / "config.yaml", tmp / "data")
+    if name in CONFIG_VARIANTS:
+        cfg = yaml.safe_load(config.read_text())
+        cfg[CONFIG_VARIANTS[name]] = tasks_per_job
+        config.write_text(yaml.safe_dump(cfg, sort_keys=False))
     profile = site_profile(base / "profile", slurm)
     settings = yaml.safe_load((profile / "config.yaml").read_text())
     settings.update(extra)
@@ -111,6 +119,7 @@ def run_variant(name: str, extra: dict, slurm: Cluster, tmp: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--tasks-per-job", type=int, default=2, help="k of the tasks-per-job variant")
     args = parser.parse_args(argv)
     print(machine_line())
     slurm = cluster()
@@ -119,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="dmnsp-bench-slurm-") as tmp:
         for name in args.variants:
             print(f"  {name} ...", flush=True)
-            r = run_variant(name, VARIANTS[name], slurm, Path(tmp))
+            r = run_variant(name, VARIANTS[name], slurm, Path(tmp), args.tasks_per_job)
             print(
                 f"  {name}: {r['sbatch']} sbatch, {r['records']} SLURM jobs, {r['seconds']:.0f} s; {load_line()}"
             )
@@ -130,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
                     name,
                     yaml.safe_dump(VARIANTS[name], default_flow_style=True).strip()
                     if VARIANTS[name]
+                    else f"(shipped; config tasks_per_job: {args.tasks_per_job})"
+                    if name in CONFIG_VARIANTS
                     else "(shipped)",
                     r["sbatch"],
                     r["records"],

@@ -4,14 +4,14 @@
     .venv/bin/python benchmarks/tasks_per_job.py --values 1 5 --key tasks_per_job --reps 3
     .venv/bin/python benchmarks/tasks_per_job.py --config config/test/config.yaml --values default --reps 1
 
-Harness for the ``tasks_per_job`` setting of issue 14 (k consecutive tasks trained by one job): each
+The ``tasks_per_job`` setting of issue 14 (k consecutive tasks trained by one job): each
 value runs the whole workflow (``snakemake --cores N``) from an empty folder, the values alternating
 within every repetition so that all see the same machine load. Reported per value: wall time, CPU
 time of Snakemake and every job it ran (user + system, from ``wait4``), the job counts, and whether
 every run's metrics equal those of the first value (they must: k only changes how tasks are grouped
 into processes). ``default`` leaves the config as it is; any other value is written at ``--key``, a
-dotted path into the workflow config where ``*`` stands for every experiment (e.g.
-``experiments.*.run.tasks_per_job``), so the harness does not presume where the setting will live.
+dotted path into the workflow config where ``*`` stands for every experiment (``tasks_per_job``,
+the top-level key, or ``experiments.*.tasks_per_job``).
 Fashion-MNIST is prepared once and linked into every run's folder.
 """
 
@@ -77,6 +77,11 @@ def job_counts(output: str) -> dict[str, int]:
     return counts
 
 
+def train_jobs(counts: dict[str, int]) -> int:
+    """Training jobs: ``train_task`` (one task each) and the ``train_tasks_<first>_<last>`` chunks."""
+    return sum(n for rule, n in counts.items() if rule.startswith("train_task"))
+
+
 def run_once(config: Path, key: str, value: str, cores: int, data: Path, work: Path) -> dict:
     cfg = yaml.safe_load(config.read_text())
     if value != "default":
@@ -108,11 +113,13 @@ def main(argv: list[str] | None = None) -> int:
         data = fashion_root(tmp / "data").resolve()
         for rep in range(args.reps):
             for i, value in enumerate(args.values):
+                before = load_line().replace("load average now", "load before")
                 r = run_once(args.config, args.key, value, args.cores, data, tmp / f"{i}-{value}-{rep}")
                 runs.setdefault(value, []).append(r)
                 print(
                     f"  [{rep + 1}/{args.reps}] {args.key}={value}: wall {fmt_s(r['seconds'])}, "
-                    f"CPU {fmt_s(r['cpu_seconds'])}, {r['counts'].get('total')} jobs; {load_line()}",
+                    f"CPU {fmt_s(r['cpu_seconds'])}, {r['counts'].get('total')} jobs "
+                    f"({train_jobs(r['counts'])} training); {before}; {load_line()}",
                     flush=True,
                 )
     reference = runs[args.values[0]][0]["metrics"]
@@ -124,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
                 value,
                 spread([r["seconds"] for r in rs]),
                 spread([r["cpu_seconds"] for r in rs]),
-                rs[0]["counts"].get("train_task", "-"),
+                train_jobs(rs[0]["counts"]),
                 rs[0]["counts"].get("total", "-"),
                 f"{len(reference)} runs, {'identical' if same else 'DIFFERENT'}",
             ]
@@ -136,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{args.key} ({args.config.name}, --cores {args.cores})",
                 "wall",
                 "CPU (all processes)",
-                "train_task jobs",
+                "training jobs",
                 "all jobs",
                 f"metrics vs {args.values[0]}",
             ],

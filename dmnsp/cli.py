@@ -110,14 +110,36 @@ def cmd_prepare_run(args) -> int:
 
 
 def cmd_train_task(args) -> int:
+    from contextlib import ExitStack
+
     from . import guard
-    from .runner import run_one_task
+    from .layout import task_dir
+    from .runner import run_one_task, run_tasks
+
+    def report(t: int, row: dict) -> None:
+        print(f"task {t}: accuracy {row['accuracy']:.4f} on {row['n_samples']} images", flush=True)
 
     cfg = _load(args)
-    guard.check_task_dir(args.out_dir, args.task, args.resume)
-    with guard.locked(args.out_dir, f"dmnsp train-task --task {args.task}"):
-        row = run_one_task(cfg, args.task, args.resume, args.out_dir, progress=not args.quiet)
-    print(f"task {args.task}: accuracy {row['accuracy']:.4f} on {row['n_samples']} images")
+    if args.tasks is None:
+        out_dir = args.out_dir if args.out_dir is not None else task_dir(args.run_dir, args.task)
+        guard.check_task_dir(out_dir, args.task, args.resume)
+        with guard.locked(out_dir, f"dmnsp train-task --task {args.task}"):
+            report(args.task, run_one_task(cfg, args.task, args.resume, out_dir, progress=not args.quiet))
+        return 0
+    if args.run_dir is None:
+        from .config import ConfigError
+
+        raise ConfigError(
+            "--tasks writes one folder per task: give --run-dir (the run folder), not --out-dir"
+        )
+    first, last = args.tasks
+    folders = [task_dir(args.run_dir, t) for t in range(first, last + 1)]
+    for t, folder in zip(range(first, last + 1), folders, strict=True):
+        guard.check_task_dir(folder, t, args.resume)
+    with ExitStack() as stack:  # each task folder locked, as a one-task job would lock it
+        for folder in folders:
+            stack.enter_context(guard.locked(folder, f"dmnsp train-task --tasks {first}-{last}"))
+        run_tasks(cfg, first, last, args.resume, args.run_dir, progress=not args.quiet, on_task_end=report)
     return 0
 
 
@@ -337,6 +359,14 @@ def _add_search_commands(sub) -> None:
 # ----------------------------------------------------------------------------------- search (end)
 
 
+def _task_range(text: str) -> tuple[int, int]:
+    """``--tasks 3-5`` → ``(3, 5)``."""
+    first, sep, last = text.partition("-")
+    if not (sep and first.isdigit() and last.isdigit() and int(first) <= int(last)):
+        raise argparse.ArgumentTypeError(f"{text!r} is not FIRST-LAST with 0 <= FIRST <= LAST (e.g. 3-5)")
+    return int(first), int(last)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dmnsp", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"dmnsp {__version__}")
@@ -353,12 +383,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser(
-        "train-task", help="train and evaluate one task, resuming from the previous checkpoint"
+        "train-task",
+        help="train and evaluate one task (or consecutive tasks), resuming from the previous checkpoint",
     )
     _config_args(p)
-    p.add_argument("--task", type=int, required=True, help="task index t (0-based)")
-    p.add_argument("--resume", help="checkpoint.pt of task t-1 (required for t > 0)")
-    p.add_argument("--out-dir", required=True, help="folder for checkpoint.pt, eval.json, diagnostics.json")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--task", type=int, help="task index t (0-based)")
+    which.add_argument(
+        "--tasks",
+        type=_task_range,
+        metavar="FIRST-LAST",
+        help="train tasks FIRST..LAST in this process (writes each task's folder under --run-dir)",
+    )
+    p.add_argument("--resume", help="checkpoint.pt of the task before the first (required unless it is 0)")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--out-dir", help="with --task: folder for checkpoint.pt, eval.json, diagnostics.json")
+    where.add_argument("--run-dir", help="the run folder: each task t is written to its task<t>/ folder")
     p.set_defaults(func=cmd_train_task)
 
     p = sub.add_parser("evaluate", help="evaluate a task checkpoint on all classes seen so far")

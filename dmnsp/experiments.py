@@ -132,6 +132,8 @@ class Plan:
     experiments: dict[str, list[RunSpec]] = field(default_factory=dict)
     expected_seeds: dict[str, int] = field(default_factory=dict)
     pretrains: dict[str, PretrainSpec] = field(default_factory=dict)
+    #: Consecutive tasks one training job trains, per experiment (config ``tasks_per_job``).
+    tasks_per_job: dict[str, int] = field(default_factory=dict)
 
     def run(self, experiment: str, run_id: str) -> RunSpec:
         try:
@@ -585,12 +587,17 @@ def run_path(
     seed: Any,
 ) -> str:
     """``dataset~D/split~I-I/method~M[/ablation~A][/KEY~VALUE...]/seed~S``."""
-    parts = [f"dataset~{format_value(dataset)}", f"split~{split[0]}-{split[1]}", f"method~{method}"]
+    parts = [run_prefix(dataset, split), f"method~{method}"]
     if ablation:
         parts.append(f"ablation~{ablation}")
     parts += [f"{key}~{format_value(value)}" for key, value in point.items()]
     parts.append(f"seed~{format_value(seed)}")
     return "/".join(parts)
+
+
+def run_prefix(dataset: str, split: tuple[int, int]) -> str:
+    """``dataset~D/split~I-I``: the start of the ``run_id`` of every run on one dataset and split."""
+    return f"dataset~{format_value(dataset)}/split~{split[0]}-{split[1]}"
 
 
 def expand_all(config: Mapping[str, Any]) -> Plan:
@@ -615,9 +622,106 @@ def expand_all(config: Mapping[str, Any]) -> Plan:
                 f"'experiments': {name!r} is not a valid experiment name (letters, digits, '_.+-'; not 'pretrained')"
             )
         runs, pretrains = expand_experiment(name, spec or {}, config.get("run"))
+        plan.tasks_per_job[name] = _tasks_per_job(name, spec or {}, config)
         plan.experiments[name] = runs
         plan.expected_seeds[name] = len((spec or {}).get("seeds") or [None])
         for run in runs:
             plan.runs[(name, run.run_id)] = run
         plan.pretrains.update(pretrains)
     return plan
+
+
+# ---------------------------------------------------------------------------- tasks per job
+
+
+def _tasks_per_job(name: str, spec: Mapping[str, Any], config: Mapping[str, Any]) -> int:
+    """The experiment's ``tasks_per_job`` (its own, else the config's top-level one, else 1)."""
+    own = spec.get("tasks_per_job")
+    value = own if own is not None else config.get("tasks_per_job", 1)
+    where = f"experiments.{name}.tasks_per_job" if own is not None else "tasks_per_job"
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"'{where}' must be a whole number of tasks, at least 1; got {value!r}")
+    return value
+
+
+def chunk_spans(n_tasks: int, k: int) -> list[tuple[int, int]]:
+    """The ``(first, last)`` tasks of each training job of a run of ``n_tasks`` tasks at ``k`` per
+    job: ``(0, k-1), (k, 2k-1), ...``; the last chunk is shorter when ``k`` does not divide ``n_tasks``."""
+    return [(first, min(first + k, n_tasks) - 1) for first in range(0, n_tasks, k)]
+
+
+@dataclass(frozen=True)
+class ChunkRule:
+    """One training rule of the workflow for ``tasks_per_job > 1``: tasks ``first..last`` in one job.
+
+    A rule's outputs name each of its tasks literally (Snakemake cannot compute ``task{t+1}`` from
+    a wildcard), so the workflow defines one rule per chunk position. ``experiments`` and, where
+    runs of one experiment chunk differently (splits with different task counts), ``prefixes``
+    (``dataset~D/split~I-I`` starts of run ids) limit the rule to the runs whose chunk it is, so
+    that exactly one rule produces each task's files.
+    """
+
+    name: str
+    first: int
+    last: int
+    experiments: tuple[str, ...]
+    prefixes: tuple[str, ...] | None = None
+
+    @property
+    def tasks(self) -> range:
+        return range(self.first, self.last + 1)
+
+    @property
+    def experiment_regex(self) -> str:
+        return "|".join(re.escape(e) for e in self.experiments)
+
+    @property
+    def run_regex(self) -> str | None:
+        """The ``run`` wildcard's constraint (None: any run of the rule's experiments)."""
+        if self.prefixes is None:
+            return None
+        starts = "|".join(re.escape(p) for p in self.prefixes)
+        return rf"(?:{starts})(?:/[^/~]+~[^/]+)+"
+
+
+def chunk_rules(plan: Plan) -> list[ChunkRule]:
+    """The training rules of the experiments with ``tasks_per_job > 1`` (those with 1 keep the one
+    ``train_task`` rule).
+
+    Raises:
+        ConfigError: when runs of one experiment on the same dataset and split have different task
+            counts (their chunks would collide), naming the experiment.
+    """
+    groups: dict[tuple[tuple[int, int], tuple[str, ...] | None], list[str]] = {}
+    for experiment, runs in plan.experiments.items():
+        k = plan.tasks_per_job.get(experiment, 1)
+        if k == 1:
+            continue
+        counts: dict[str, set[int]] = {}
+        for run in runs:
+            counts.setdefault(run_prefix_of(run.run_id), set()).add(run.n_tasks)
+        for prefix, ns in counts.items():
+            if len(ns) > 1:
+                raise ConfigError(
+                    f"experiment '{experiment}': runs on {prefix} have {sorted(ns)} tasks, so tasks_per_job "
+                    f"{k} cannot chunk them alike; give them separate experiments or set its tasks_per_job to 1"
+                )
+        n_of = {prefix: ns.pop() for prefix, ns in counts.items()}
+        spans = sorted({s for n in n_of.values() for s in chunk_spans(n, k)})
+        for span in spans:
+            having = tuple(p for p, n in n_of.items() if span in chunk_spans(n, k))
+            asking = tuple(p for p, n in n_of.items() if n > span[0])  # runs that have a task of the span
+            groups.setdefault((span, None if having == asking else having), []).append(experiment)
+    rules, names = [], {}
+    for (span, prefixes), experiments in sorted(groups.items(), key=lambda g: (g[0][0], g[0][1] or ())):
+        names[span] = names.get(span, 0) + 1
+        suffix = "" if names[span] == 1 else f"_{names[span]}"
+        rules.append(
+            ChunkRule(f"train_tasks_{span[0]}_{span[1]}{suffix}", *span, tuple(experiments), prefixes)
+        )
+    return rules
+
+
+def run_prefix_of(run_id: str) -> str:
+    """The ``dataset~D/split~I-I`` start of a run id (see :func:`run_prefix`)."""
+    return "/".join(run_id.split("/", 2)[:2])

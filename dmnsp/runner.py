@@ -1,8 +1,9 @@
 """A run in one process: config → data/scenario → model → per-task train + evaluate → state.
 
 The same :meth:`Session.run_task` serves ``dmnsp run`` (all tasks in one process) and the
-per-task jobs of the workflow (``dmnsp train-task``, resuming from the previous checkpoint); each
-task reseeds from (seed, task), so both paths give bitwise-identical results on CPU.
+training jobs of the workflow (``dmnsp train-task``: one task, or ``--tasks`` for several in one
+process, resuming from the previous checkpoint); each task reseeds from (seed, task), so every
+path gives bitwise-identical results on CPU.
 """
 
 from __future__ import annotations
@@ -144,17 +145,22 @@ class Session:
         return new_state, row, diag
 
 
+def _resumed(cfg: dict, first: int, resume: str | Path | None, progress: bool) -> tuple[Session, TaskState]:
+    """The session and the state after task ``first - 1`` (checked before the slow model and data build)."""
+    if first > 0 and resume is None:
+        raise ConfigError(f"task {first} needs --resume with the checkpoint of task {first - 1}")
+    state = load_checkpoint(resume, cfg, expect_task=first - 1) if first > 0 else TaskState()
+    session = Session(cfg, progress)
+    if first > 0:
+        check_state_fits(session.model, state, resume, cfg)
+    return session, state
+
+
 def run_one_task(
     cfg: dict, task: int, resume: str | Path | None, out_dir: str | Path, progress: bool = True
 ) -> dict:
     """``dmnsp train-task``: resume from task-1's checkpoint, train and evaluate task, write its folder."""
-    if task > 0 and resume is None:
-        raise ConfigError(f"task {task} needs --resume with the checkpoint of task {task - 1}")
-    # Check the checkpoint before the (slow) model and data build.
-    state = load_checkpoint(resume, cfg, expect_task=task - 1) if task > 0 else TaskState()
-    session = Session(cfg, progress)
-    if task > 0:
-        check_state_fits(session.model, state, resume, cfg)
+    session, state = _resumed(cfg, task, resume, progress)
     state, row, diag = session.run_task(task, state)
     write_task_outputs(out_dir, state, row, diag, cfg)
     return row
@@ -169,6 +175,40 @@ def check_state_fits(model: torch.nn.Module, state: TaskState, path: str | Path,
             f"checkpoint {path} does not fit {cfg['model_name']} with adapter_dim {cfg['adapter_dim']} ({why}); "
             f"it was altered or damaged: delete it and rerun task {state.task} (or start the run again)"
         )
+
+
+def run_tasks(
+    cfg: dict,
+    first: int,
+    last: int,
+    resume: str | Path | None,
+    run_dir: str | Path,
+    progress: bool = True,
+    on_task_end: Callable[[int, dict], None] | None = None,
+) -> list[dict]:
+    """``dmnsp train-task --tasks first-last``: tasks ``first..last`` in this process (a workflow job of
+    ``tasks_per_job`` tasks), resuming from task first-1's checkpoint; every task's folder under
+    ``run_dir`` is written as soon as the task ends, as a per-task job would write it.
+
+    The state passes from task to task in memory, as in :func:`run_all`; each task reseeds from
+    (seed, task) and checkpoints keep each tensor's memory layout, so the results are bitwise those
+    of one job per task on CPU (tests/test_chunks.py).
+    """
+    if not 0 <= first <= last:
+        raise ConfigError(
+            f"--tasks {first}-{last} is not a range of tasks; give FIRST-LAST with FIRST <= LAST"
+        )
+    session, state = _resumed(cfg, first, resume, progress)
+    if last >= session.n_tasks:
+        raise ConfigError(f"task {last} does not exist: this scenario has tasks 0..{session.n_tasks - 1}")
+    rows = []
+    for t in range(first, last + 1):
+        state, row, diag = session.run_task(t, state)
+        write_task_outputs(task_dir(run_dir, t), state, row, diag, cfg)
+        rows.append(row)
+        if on_task_end is not None:
+            on_task_end(t, row)
+    return rows
 
 
 def run_all(

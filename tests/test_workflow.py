@@ -82,11 +82,11 @@ def dry_run(configfile: Path) -> tuple[dict[str, int], float]:
 def test_default_config_plans_the_embedded_study():
     counts, _ = dry_run(DEFAULT)
     # zeroshot × 2 seeds, finetune × 2 seeds, dmnsp × LAMBDA_SCALE {1, 30} × 2 seeds, and the clean
-    # ablation × 2 seeds (it ignores LAMBDA_SCALE) = 10 runs of 5 tasks.
+    # ablation × 2 seeds (it ignores LAMBDA_SCALE) = 10 runs of 5 tasks, each trained by one job.
     assert counts == {
         "prepare_run": 10,
         "pretrain_model": 1,
-        "train_task": 50,
+        "train_tasks_0_4": 10,
         "compute_metrics": 10,
         "aggregate_results": 1,
         "all": 1,
@@ -105,13 +105,24 @@ def test_miniature_config_plans():
     }
 
 
+def training_jobs(n_tasks: int, k: int, runs: int) -> dict[str, int]:
+    """Job counts of the training rules for `runs` runs of `n_tasks` tasks at `k` tasks per job:
+    train_task per task at k = 1, else a train_tasks_<first>_<last> rule per chunk of k (the last
+    one shorter)."""
+    if k == 1:
+        return {"train_task": runs * n_tasks}
+    return {f"train_tasks_{a}_{min(a + k, n_tasks) - 1}": runs for a in range(0, n_tasks, k)}
+
+
 @pytest.mark.parametrize("path", PAPER, ids=[p.stem for p in PAPER])
 def test_paper_configs_plan_the_full_dag_offline(path):
     counts, elapsed = dry_run(path)
     runs = 3 * (4 + 5)  # 3 seeds × (zeroshot, finetune, lwf, dmnsp and the 5 ablations)
+    k = yaml.safe_load(path.read_text()).get("tasks_per_job", 1)
+    assert k > 1  # the paper configs train several tasks per job (benchmarks/README.md)
     assert counts == {
         "prepare_run": runs,
-        "train_task": runs * N_TASKS[path.stem],
+        **training_jobs(N_TASKS[path.stem], k, runs),
         "compute_metrics": runs,
         "aggregate_results": 1,
         "all": 1,
@@ -120,14 +131,16 @@ def test_paper_configs_plan_the_full_dag_offline(path):
 
 
 def test_one_method_one_split_counts(tmp_path):
-    """CIFAR100 10-10 × 3 seeds × 1 method = 30 train_task jobs."""
+    """CIFAR100 10-10 × 3 seeds × 1 method = 30 tasks: 30 train_task jobs, or 6 of 5 tasks each."""
     cfg = yaml.safe_load((ROOT / "config" / "paper" / "cifar100-10-10.yaml").read_text())
     (exp,) = cfg["experiments"].values()
     exp["methods"], exp["ablations"] = ["dmnsp"], []
-    path = tmp_path / "one.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    counts, _ = dry_run(path)
-    assert counts["train_task"] == 30 and counts["prepare_run"] == 3
+    for k, jobs in ((1, {"train_task": 30}), (5, {"train_tasks_0_4": 3, "train_tasks_5_9": 3})):
+        cfg["tasks_per_job"] = k
+        path = tmp_path / f"one-k{k}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        counts, _ = dry_run(path)
+        assert counts == {**jobs, "prepare_run": 3, "compute_metrics": 3, "aggregate_results": 1, "all": 1}
 
 
 def _planned_jobs(output: str) -> list[dict]:

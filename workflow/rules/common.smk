@@ -2,6 +2,7 @@
 # that plan by dictionary lookup (no file reads per job). The logic lives in dmnsp.experiments.
 
 import os
+import re
 import sys
 from functools import cache
 
@@ -9,7 +10,14 @@ from snakemake.exceptions import WorkflowError
 
 from dmnsp import layout
 from dmnsp.config import ConfigError, read_yaml_file
-from dmnsp.experiments import cli_json, cli_sets, expand_all, resources_for
+from dmnsp.experiments import (
+    chunk_rules,
+    chunk_spans,
+    cli_json,
+    cli_sets,
+    expand_all,
+    resources_for,
+)
 
 try:
     # Snakemake parses the config files itself and keeps the last of a key written twice: read
@@ -17,8 +25,13 @@ try:
     for _configfile in workflow.configfiles:
         read_yaml_file(_configfile, "workflow config")
     PLAN = expand_all(config)
+    # tasks_per_job > 1: one training rule per chunk position (train_tasks_<first>_<last>).
+    CHUNK_RULES = chunk_rules(PLAN)
 except ConfigError as exc:
     raise WorkflowError(f"invalid workflow config: {exc}") from None
+
+# Experiments trained one task per job, by the rule train_task.
+ONE_TASK_EXPERIMENTS = [e for e, k in PLAN.tasks_per_job.items() if k == 1]
 
 RESOURCE_TABLE = config.get("resources", [])
 
@@ -132,6 +145,26 @@ def get_train_task_input(wildcards):
         raise WorkflowError(
             f"run {run.run_dir} has {run.n_tasks} tasks; task {task} does not exist"
         )
+    return _train_input(wildcards, run, task)
+
+
+def train_tasks_input(chunk):
+    """Input function of the chunk rule `chunk` (tasks chunk.first..chunk.last, one job)."""
+
+    def get_input(wildcards):
+        run = get_run(wildcards)
+        k = PLAN.tasks_per_job[wildcards.experiment]
+        if (chunk.first, chunk.last) not in chunk_spans(run.n_tasks, k):
+            raise WorkflowError(
+                f"run {run.run_dir} ({run.n_tasks} tasks, {k} per job) has no job for tasks"
+                f" {chunk.first}-{chunk.last}"
+            )
+        return _train_input(wildcards, run, chunk.first)
+
+    return get_input
+
+
+def _train_input(wildcards, run, task):
     run_dir = get_run_dir(wildcards)
     inputs = {"config": layout.run_file(run_dir, layout.CONFIG)}
     if task > 0:
@@ -170,6 +203,35 @@ def get_experiment_metrics(wildcards):
 def checkpoint_output(path):
     """Task checkpoints are temporary unless keep_checkpoints is set."""
     return path if config.get("keep_checkpoints", True) else temp(path)
+
+
+def train_tasks_output(chunk):
+    """Every task's checkpoint, eval.json and diagnostics.json of a chunk: all are the job's outputs
+    (temp() checkpoints inside a chunk too: each is deleted as soon as no job needs it).
+    """
+    out = {}
+    for t in chunk.tasks:
+        out[f"checkpoint{t}"] = checkpoint_output(
+            layout.task_file(RUN, t, layout.CHECKPOINT)
+        )
+        out[f"eval{t}"] = layout.task_file(RUN, t, layout.EVAL)
+        out[f"diagnostics{t}"] = layout.task_file(RUN, t, layout.DIAGNOSTICS)
+    return out
+
+
+def train_tasks_constraints(chunk):
+    """Wildcard constraints that limit a chunk rule to the runs whose chunk it is."""
+    out = {"experiment": chunk.experiment_regex}
+    if chunk.run_regex is not None:
+        out["run"] = chunk.run_regex
+    return out
+
+
+def train_task_constraints():
+    """train_task serves the experiments at one task per job (all of them by default)."""
+    if not CHUNK_RULES:
+        return {}
+    return {"experiment": "|".join(map(re.escape, ONE_TASK_EXPERIMENTS)) or "(?!)"}
 
 
 # ------------------------------------------------------------------------------- resources
@@ -223,8 +285,11 @@ def _grow(base, attempt):
     return -(-base * (attempt + 1) // 2)
 
 
-def job_resource(rule_name, name):
+def job_resource(rule_name, name, tasks=1):
     """Resource `name` of the jobs of rule `rule_name`, from the config's table.
+
+    `tasks`: for a job that trains several tasks (tasks_per_job), the table's runtime, which is per
+    task, is multiplied by the job's number of tasks.
 
     Planning cost: Snakemake evaluates every callable resource of every job (twice in a dry-run)
     and inspects its signature each time, which dominated planning of DAGs with ~20,000 jobs. So
@@ -236,12 +301,13 @@ def job_resource(rule_name, name):
     2x, ... the table's value. The workflow cannot see --retries while it is parsed, so the
     growth is always on; with a constant base it costs one cheap call per job and resource.
     """
+    scale = tasks if name == "runtime" else 1
     values = {_job_resources(rule_name, key)[name] for key in _planned_keys(rule_name)}
     if not values:  # no job of this rule in the plan
         values = {resources_for(RESOURCE_TABLE, rule_name)[name]}
     if name in ("mem_mb", "runtime"):
         if len(values) == 1:
-            (base,) = values
+            base = values.pop() * scale
 
             def grown(wildcards, attempt):
                 return _grow(base, attempt)
@@ -249,7 +315,8 @@ def job_resource(rule_name, name):
             return grown
 
         def grown(wildcards, attempt):
-            return _grow(_job_resources(rule_name, _job_key(rule_name, wildcards))[name], attempt)
+            key = _job_key(rule_name, wildcards)
+            return _grow(_job_resources(rule_name, key)[name] * scale, attempt)
 
         return grown
     if len(values) == 1:
@@ -259,3 +326,23 @@ def job_resource(rule_name, name):
         return _job_resources(rule_name, _job_key(rule_name, wildcards))[name]
 
     return lookup
+
+
+def inherit_train_task_settings(chunk):
+    """--set-resources and --set-threads given for train_task (the SLURM profile's GPU partition,
+    say) apply to a chunk rule too, unless given for the chunk rule itself; a constant runtime
+    given for train_task counts per task, like the table's."""
+    settings = workflow.resource_settings
+    target = getattr(rules, chunk.name).rule
+    own = settings.overwrite_resources.get(chunk.name, {})
+    for name, value in settings.overwrite_resources.get("train_task", {}).items():
+        if name in own:
+            continue
+        # A snakemake Resource when given on the command line or in a profile.
+        raw = getattr(value, "raw", value)
+        if name == "runtime" and isinstance(raw, int):
+            value = raw * len(chunk.tasks)
+        target.resources[name] = value
+    threads = settings.overwrite_threads.get("train_task")
+    if threads is not None and chunk.name not in settings.overwrite_threads:
+        target.resources["_cores"] = threads

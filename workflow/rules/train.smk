@@ -50,6 +50,7 @@ rule pretrain_model:
         " > {log} 2>&1"
 
 
+# One job per task (tasks_per_job: 1, the default), resuming from the previous task's checkpoint.
 rule train_task:
     input:
         unpack(get_train_task_input),
@@ -61,6 +62,8 @@ rule train_task:
         f"{RUN}/logs/train_task{{task}}.log",
     benchmark:
         f"{RUN}/benchmarks/train_task{{task}}.tsv"
+    wildcard_constraints:
+        **train_task_constraints(),
     conda:
         "../envs/dmnsp.yaml"
     threads: job_resource("train_task", "threads")
@@ -73,3 +76,42 @@ rule train_task:
     shell:
         "OMP_NUM_THREADS={threads} python -m dmnsp train-task --quiet --config {input.config} --task {wildcards.task}"
         " {params.resume} --out-dir $(dirname {output.eval}) > {log} 2>&1"
+
+
+# tasks_per_job: k > 1: one job trains tasks first..last in one process, resuming from task first-1's
+# checkpoint, and writes every task's folder (all of them its outputs). Snakemake cannot derive
+# task{t+1} from a wildcard, so each chunk position is a rule of its own, limited to the runs
+# whose chunk it is (dmnsp.experiments.chunk_rules). The table's runtime is per task.
+for chunk in CHUNK_RULES:
+
+    rule:
+        name:
+            chunk.name
+        input:
+            unpack(train_tasks_input(chunk)),
+        output:
+            **train_tasks_output(chunk),
+        log:
+            f"{RUN}/logs/train_tasks{chunk.first}-{chunk.last}.log",
+        benchmark:
+            f"{RUN}/benchmarks/train_tasks{chunk.first}-{chunk.last}.tsv"
+        wildcard_constraints:
+            **train_tasks_constraints(chunk),
+        conda:
+            "../envs/dmnsp.yaml"
+        threads: job_resource("train_task", "threads")
+        resources:
+            mem_mb=job_resource("train_task", "mem_mb"),
+            runtime=job_resource("train_task", "runtime", tasks=len(chunk.tasks)),
+            gpu=job_resource("train_task", "gpu"),
+        params:
+            # The shell command is formatted when the job runs: no loop variable in it. Plain
+            # strings (wildcards filled in), unlike functions, cost nothing per job in planning.
+            tasks=f"{chunk.first}-{chunk.last}",
+            resume=get_resume_option,
+            run_dir=RUN,
+        shell:
+            "OMP_NUM_THREADS={threads} python -m dmnsp train-task --quiet --config {input.config}"
+            " --tasks {params.tasks} {params.resume} --run-dir {params.run_dir} > {log} 2>&1"
+
+    inherit_train_task_settings(chunk)
