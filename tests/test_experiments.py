@@ -66,14 +66,16 @@ def test_embedded_default_expands_without_duplicating_zeroshot():
     (name,) = plan.experiments
     runs = plan.experiments[name]
     groups = by_method(runs)
-    # LAMBDA_SCALE [1, 30] × 2 seeds for dmnsp; zeroshot, finetune and the clean ablation (which
+    # LAMBDA_SCALE [1, 30] × 2 seeds for dmnsp; zeroshot, finetune, lwf and the clean ablation (which
     # projects AdamW's update, where the coefficients do nothing) ignore LAMBDA_SCALE.
-    assert {m: len(r) for m, r in groups.items()} == {"zeroshot": 2, "finetune": 2, "dmnsp": 6}
+    assert {m: len(r) for m, r in groups.items()} == {"zeroshot": 2, "finetune": 2, "lwf": 2, "dmnsp": 6}
     assert all(run.n_tasks == 5 for run in runs)
-    assert sum(run.n_tasks for run in runs) == 50
+    assert sum(run.n_tasks for run in runs) == 60
     clean = [run for run in groups["dmnsp"] if run.settings.get("projection.mode") == "clean"]
     assert len(clean) == 2 and all("LAMBDA_SCALE" not in run.settings for run in clean)
-    assert all("LAMBDA_SCALE" not in run.settings for run in groups["zeroshot"] + groups["finetune"])
+    assert all(
+        "LAMBDA_SCALE" not in run.settings for run in groups["zeroshot"] + groups["finetune"] + groups["lwf"]
+    )
     assert sorted(run.settings["LAMBDA_SCALE"] for run in groups["dmnsp"] if run not in clean) == [
         1,
         1,
