@@ -19,6 +19,14 @@ from dmnsp.config import validate  # noqa: E402
 torch.set_num_threads(int(os.environ.get("DMNSP_TEST_THREADS", "2")))
 
 
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """In-process jobs set torch's thread count from their config; give the next test its own back."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
 def tiny_config(**overrides) -> dict:
     """The offline tiny CLIP, random weights, miniature training: seconds per task on 2 cores."""
     base = {

@@ -162,14 +162,6 @@ def test_tasks_per_job_is_read_per_experiment_with_the_top_level_default():
 # ------------------------------------------------------------------------------ train-task --tasks
 
 
-@pytest.fixture(autouse=True)
-def _keep_torch_threads():
-    """In-process jobs set torch's thread count from the config; give other tests theirs back."""
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def run_cfg(tmp_path_factory) -> Path:
     if not FASHION_MNIST_DEBIAN_DIR.is_dir():

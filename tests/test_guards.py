@@ -27,13 +27,6 @@ def one_line_error(capsys) -> str:
     return err
 
 
-@pytest.fixture(autouse=True)
-def _keep_torch_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def task0(tmp_path_factory) -> tuple[Path, Path]:
     """A run config and its real task-0 folder (checkpoint with dmnsp bases)."""

@@ -112,14 +112,6 @@ def _train_task(cfg_path: Path, run_dir: Path, task: int, *extra: str) -> int:
     return main(argv)
 
 
-@pytest.fixture(autouse=True)
-def _keep_torch_threads():
-    """In-process jobs set torch's thread count from the config; give other tests theirs back."""
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def run_cfg(tmp_path_factory) -> Path:
     if not FASHION_MNIST_DEBIAN_DIR.is_dir():
