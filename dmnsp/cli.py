@@ -133,11 +133,11 @@ def cmd_train_task(args) -> int:
             "--tasks writes one folder per task: give --run-dir (the run folder), not --out-dir"
         )
     first, last = args.tasks
-    folders = [task_dir(args.run_dir, t) for t in range(first, last + 1)]
-    for t, folder in zip(range(first, last + 1), folders, strict=True):
+    folders = {t: task_dir(args.run_dir, t) for t in range(first, last + 1)}
+    for t, folder in folders.items():
         guard.check_task_dir(folder, t, args.resume)
     with ExitStack() as stack:  # each task folder locked, as a one-task job would lock it
-        for folder in folders:
+        for folder in folders.values():
             stack.enter_context(guard.locked(folder, f"dmnsp train-task --tasks {first}-{last}"))
         run_tasks(cfg, first, last, args.resume, args.run_dir, progress=not args.quiet, on_task_end=report)
     return 0

@@ -45,6 +45,15 @@ def predict(
     return np.concatenate(preds), np.concatenate(labels)
 
 
+def class_counts(preds: np.ndarray, labels: np.ndarray, n_classes: int) -> dict[str, list[int]]:
+    """How predictions and labels spread over the classes, by class position: the health facts of
+    an evaluation (:func:`dmnsp.metrics.step_health`; a collapse to one class shows here)."""
+    return {
+        "predictions_per_class": np.bincount(preds, minlength=n_classes).tolist(),
+        "labels_per_class": np.bincount(labels, minlength=n_classes).tolist(),
+    }
+
+
 def evaluate_seen(
     model: nn.Module,
     tokenizer,
@@ -86,7 +95,6 @@ def evaluate_seen(
     per_task = [
         float(correct[a:b].mean()) if b > a else None for a, b in zip(bounds[:-1], bounds[1:], strict=True)
     ]
-    n_classes = len(class_names)
     return {
         "task": task,
         "n_tasks": n_tasks,
@@ -94,9 +102,6 @@ def evaluate_seen(
         "n_samples_per_task": sizes,
         "accuracy": float(correct.mean()) if len(correct) else None,
         "n_samples": int(len(correct)),
-        # Health facts (dmnsp.metrics.step_health): how predictions and labels spread over the
-        # seen classes, by position in class_names (a collapse to one class shows here).
-        "predictions_per_class": np.bincount(preds, minlength=n_classes).tolist(),
-        "labels_per_class": np.bincount(labels, minlength=n_classes).tolist(),
+        **class_counts(preds, labels, len(class_names)),
         "seconds": time.perf_counter() - t0,
     }

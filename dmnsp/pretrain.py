@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from .config import ConfigError, run_schema
 from .datasets import load_dataset
 from .devices import pick_device, set_threads
-from .evaluate import predict
+from .evaluate import class_counts, predict
 from .io import atomic_save, atomic_write_json
 from .loaders import cycle, derive_seed, make_loader
 from .metrics import CHANCE_MARGIN, step_health
@@ -198,10 +198,7 @@ def pretrain(cfg: dict, out: str | Path, progress: bool = True) -> dict:
         progress=progress,
     )
     acc = float((preds == labels).mean())
-    counts = {
-        "predictions_per_class": np.bincount(preds, minlength=n_classes).tolist(),
-        "labels_per_class": np.bincount(labels, minlength=n_classes).tolist(),
-    }
+    counts = class_counts(preds, labels, n_classes)
     problems, facts = health(acc, len(test_set), n_classes, losses, **counts)
     if problems:
         message = _weak_message(cfg, problems, collapsed_only=len(problems) == 1 and bool(facts["collapsed"]))
