@@ -24,6 +24,7 @@ import yaml
 from jsonschema import Draft202012Validator
 
 from . import methods
+from .bounded import BoundsError, check_tree, read_regular_text
 from .methods.dmnsp import MODE_DEFAULTS
 
 # Keys that say where things are or how fast to run, not what is computed: they may differ
@@ -79,9 +80,20 @@ _Loader.add_implicit_resolver(
 )
 
 
-def load_yaml(text: str):
-    """YAML as users write it: ``1e-4`` is a number; a duplicate key is an error (yaml.YAMLError)."""
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+class YAMLBoundsError(yaml.YAMLError, BoundsError):
+    """A YAML document past :mod:`dmnsp.bounded`'s bounds (an alias bomb, nesting too deep): a
+    ``yaml.YAMLError``, so every reader that reports malformed YAML reports it the same way."""
+
+
+def load_yaml(text: str, what: str = "the YAML document"):
+    """YAML as users write it: ``1e-4`` is a number; a duplicate key is an error (yaml.YAMLError),
+    as is a document past the bounds of :func:`dmnsp.bounded.check_tree` (an alias bomb)."""
+    try:
+        value = yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+        return check_tree(value, what)
+    except (BoundsError, RecursionError) as exc:
+        message = str(exc) if isinstance(exc, BoundsError) else f"{what} nests too deep to parse; flatten it"
+        raise YAMLBoundsError(message) from None
 
 
 def _yaml_problem(exc: yaml.YAMLError) -> str:
@@ -93,17 +105,15 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
 
 
 def read_text_file(path: str | Path, what: str, error: type[ConfigError] = ConfigError) -> str:
-    """The UTF-8 text of a user's file; a missing, unreadable or non-UTF-8 file raises ``error``
-    naming ``what``, the path and the fix."""
+    """The UTF-8 text of a user's file; a missing, unreadable, non-UTF-8, oversized or irregular
+    (folder, FIFO) file raises ``error`` naming ``what``, the path and the fix."""
     path = Path(path)
-    if not path.is_file():
-        raise error(f"{what} {path} does not exist" + (" (it is a folder)" if path.is_dir() else ""))
     try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise error(
-            f"{what} {path} is not UTF-8 text (byte {exc.start}: {exc.reason}); save it as UTF-8"
-        ) from None
+        return read_regular_text(path, what)
+    except FileNotFoundError:
+        raise error(f"{what} {path} does not exist") from None
+    except BoundsError as exc:
+        raise error(str(exc)) from None
     except OSError as exc:
         raise error(f"{what} {path} cannot be read ({exc.strerror or exc}); check its permissions") from None
 
@@ -299,7 +309,9 @@ def read_yaml_file(path: str | Path, what: str, error: type[ConfigError] = Confi
     file raises ``error`` naming ``what`` and the path."""
     text = read_text_file(path, what, error)
     try:
-        return load_yaml(text)
+        return load_yaml(text, f"{what} {path}")
+    except YAMLBoundsError as exc:
+        raise error(str(exc)) from None
     except yaml.YAMLError as exc:
         raise error(f"{what} {path} is not valid YAML: {_yaml_problem(exc)}") from None
 
