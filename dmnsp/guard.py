@@ -341,11 +341,9 @@ def _other_task_config(out: Path, record: dict, task: int, cfg: dict) -> str | N
     mine = config_hash(cfg)
     recorded = record.get("config_hash")
     if recorded is not None:
-        return (
-            None
-            if recorded == mine
-            else f"another config (config_hash {_text(recorded)}, this config's is {mine})"
-        )
+        if recorded == mine:
+            return None
+        return f"another config (config_hash {_text(recorded)}, this config's is {mine})"
     checkpoint = out / layout.CHECKPOINT  # written before config hashes were recorded in eval.json
     if not checkpoint.is_file():
         return f"an unknown config (no config_hash in {out / layout.EVAL} and no checkpoint; this config's is {mine})"

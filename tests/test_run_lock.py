@@ -448,13 +448,16 @@ def test_clear_run_removes_tasks_before_the_run_record(tmp_path, monkeypatch):
     for t in range(2):
         (run / f"task{t}").mkdir()
         (run / f"task{t}" / layout.EVAL).write_text(json.dumps({"task": t}))
+    for name in layout.RUN_END_FILES:
+        (run / name).write_text("of the old run\n")
     removed: list[str] = []
     real = shutil.rmtree
     monkeypatch.setattr(shutil, "rmtree", lambda p, *a, **k: (removed.append(Path(p).name), real(p, *a, **k)))
     real_unlink = Path.unlink
     monkeypatch.setattr(Path, "unlink", lambda p, *a, **k: (removed.append(p.name), real_unlink(p, *a, **k)))
     layout.clear_run(run)
-    assert removed[-2:] == [layout.CONFIG, layout.RUN_INFO] and set(removed[:2]) == {"task0", "task1"}
+    assert set(removed[:2]) == {"task0", "task1"}
+    assert removed[2:] == [*layout.RUN_END_FILES, layout.CONFIG, layout.RUN_INFO]
 
 
 # ------------------------------------------------------------------------------- empty paths
