@@ -69,7 +69,8 @@ def _finish_run(args, out: Path) -> int:
     from . import layout
 
     metrics = layout.write_run_metrics(out)
-    print(f"Avg {metrics['avg']:.4f}  Last {metrics['last']:.4f}  ({metrics['n_tasks_done']} tasks)")
+    avg, last = (f"{x:.4f}" if isinstance(x, float) else "n/a" for x in (metrics["avg"], metrics["last"]))
+    print(f"Avg {avg}  Last {last}  ({metrics['n_tasks_done']} tasks)")
     print(f"wrote {out}")
     _warn_health(args.command, metrics["health"])
     return 0
