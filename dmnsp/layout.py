@@ -46,7 +46,10 @@ CHECKPOINT = "checkpoint.pt"
 #: The files a task job writes, in the order it writes them (eval.json, which marks a task as
 #: evaluated, last).
 TASK_FILES = (DIAGNOSTICS, CHECKPOINT, EVAL)
-#: The lock file of a folder a dmnsp process writes into (dmnsp.guard; removed on release).
+#: The files a run writes at its end, from its tasks' records (write_run_metrics), in that order.
+RUN_END_FILES = (MATRIX, METRICS)
+#: The lock file of a folder a dmnsp process writes into (dmnsp.guard; removed on release). Every
+#: writer of a run locks the run folder, one-task jobs included.
 LOCK = ".dmnsp.lock"
 
 _TASK_DIR = re.compile(r"^task(\d+)$")
@@ -70,6 +73,11 @@ def run_file(run: str | Path, name: str) -> str:
 def task_dir(run: str | Path, task: int | str) -> str:
     """The folder of task ``task`` of a run."""
     return f"{run}/task{task}"
+
+
+def is_task_dir_name(name: str) -> bool:
+    """Whether ``name`` is the name of a task folder (``task<t>``)."""
+    return _TASK_DIR.match(name) is not None
 
 
 def task_file(run: str | Path, task: int | str, name: str) -> str:
@@ -174,19 +182,33 @@ def run_results(run: str | Path) -> list[Path]:
 
 
 def clear_run(run: str | Path) -> list[Path]:
-    """Remove what a run writes into its folder (config, provenance, metrics, task folders); other
-    files (logs, a user's own) stay. Returns what was removed."""
+    """Remove what a run writes into its folder (task folders, metrics, config, provenance); other
+    files (logs, a user's own) stay. Returns what was removed.
+
+    Nothing outside the folder is touched: a task folder or file that is a symbolic link is
+    unlinked, never followed (shutil.rmtree does not follow the links inside a folder either).
+    The run's record (config.yaml, run.json) goes last, so a clear that is killed midway leaves a
+    folder that still says whose results it holds.
+    """
     import shutil
 
     run = Path(run)
     removed = []
-    for name in (METRICS, MATRIX, CONFIG, RUN_INFO):
-        if (run / name).is_file():
-            (run / name).unlink()
-            removed.append(run / name)
-    for _, folder in task_dirs(run):
-        shutil.rmtree(folder)
-        removed.append(folder)
+    for child in sorted(run.iterdir()) if run.is_dir() else []:
+        if not is_task_dir_name(child.name):
+            continue
+        if child.is_symlink():
+            child.unlink()
+        elif child.is_dir():
+            shutil.rmtree(child)
+        else:
+            continue
+        removed.append(child)
+    for name in (*RUN_END_FILES, CONFIG, RUN_INFO):
+        path = run / name
+        if path.is_symlink() or path.is_file():
+            path.unlink()
+            removed.append(path)
     return removed
 
 
@@ -245,11 +267,18 @@ def write_task_outputs(folder: str | Path, state: TaskState, row: dict, diag: di
         written.append(atomic_write_json(folder / DIAGNOSTICS, json_safe(diag)))
         save_checkpoint(folder / CHECKPOINT, state, cfg)
         written.append(folder / CHECKPOINT)
-        written.append(atomic_write_json(folder / EVAL, json_safe(row)))
+        # The config that trained the task: a later job refuses to replace it with another's.
+        written.append(atomic_write_json(folder / EVAL, json_safe({**row, "config_hash": config_hash(cfg)})))
     except BaseException:
         for path in written:
             path.unlink(missing_ok=True)
         raise
+
+
+def check_run_dir_exists(run: str | Path) -> None:
+    """A run folder to read must exist (a command never creates a folder that holds no run)."""
+    if not Path(run).is_dir():
+        raise ConfigError(f"run folder {run} does not exist; give the folder that holds task0/, task1/, ...")
 
 
 def write_run_metrics(run: str | Path) -> dict[str, Any]:
@@ -258,8 +287,7 @@ def write_run_metrics(run: str | Path) -> dict[str, Any]:
     ``accuracy_matrix.csv`` holds ``R`` (fractions; empty cells for entries not evaluated or above
     the diagonal). ``metrics.json`` holds :func:`run_metrics` without the matrix.
     """
-    if not Path(run).is_dir():  # never create a folder that holds no run
-        raise ConfigError(f"run folder {run} does not exist; give the folder that holds task0/, task1/, ...")
+    check_run_dir_exists(run)
     metrics = run_metrics(run)
     rows = metrics["accuracy_matrix"]
     atomic_write_text(Path(run) / MATRIX, accuracy_matrix_frame(rows).to_csv())
