@@ -8,15 +8,32 @@
 # A config given with --configfile replaces config/config.yaml (it is not merged into it), so
 # each file under config/ describes a complete set of experiments. See config/README.md.
 
+from snakemake.exceptions import WorkflowError
 from snakemake.utils import min_version, validate
+
+from dmnsp.config import ConfigError, check_workflow_config
 
 min_version("9.0")
 
+
+def check_config(files):
+    """dmnsp's bounded reader on the config files, and a bounded walk of `config`, before anything
+    else reads or walks them (see dmnsp.config.check_workflow_config): one line, not a hang.
+    """
+    try:
+        check_workflow_config(config, files)
+    except ConfigError as exc:
+        raise WorkflowError(f"invalid workflow config: {exc}") from None
+
+
 if not workflow.overwrite_configfiles:
+    # Before Snakemake's own reader, which answers a non-UTF-8 or too deep file with a traceback.
+    check_config(["config/config.yaml"])
 
     configfile: "config/config.yaml"
 
 
+check_config(workflow.configfiles)
 validate(config, "workflow/schemas/config.schema.yaml")
 
 

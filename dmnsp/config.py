@@ -12,9 +12,10 @@ import hashlib
 import importlib.util
 import json
 import math
+import os
 import re
 import string
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -41,6 +42,12 @@ EXECUTION_KEYS = frozenset(
         "evaluate_on",
     }
 )
+
+
+_FLOAT_MAX = 1.7976931348623157e308  # sys.float_info.max: larger integers overflow float()
+
+# Keys that hold a path, checked for a ``~user`` that names no user (os.path.expanduser keeps it).
+PATH_KEYS = ("dataset_root", "cache_dir", "pretrained", "class_order")
 
 
 class ConfigError(ValueError):
@@ -85,15 +92,25 @@ class YAMLBoundsError(yaml.YAMLError, BoundsError):
     ``yaml.YAMLError``, so every reader that reports malformed YAML reports it the same way."""
 
 
+class YAMLValueError(yaml.YAMLError):
+    """A scalar PyYAML recognises but cannot build (``2023-13-45`` read as a date, ``!!int abc``, an
+    integer of more than 4300 digits): PyYAML raises a bare ValueError; this reports it as YAML."""
+
+
 def load_yaml(text: str, what: str = "the YAML document"):
     """YAML as users write it: ``1e-4`` is a number; a duplicate key is an error (yaml.YAMLError),
-    as is a document past the bounds of :func:`dmnsp.bounded.check_tree` (an alias bomb)."""
+    as is a document past the bounds of :func:`dmnsp.bounded.check_tree` (an alias bomb) or a
+    scalar that cannot be built (:class:`YAMLValueError`)."""
     try:
         value = yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
         return check_tree(value, what)
     except (BoundsError, RecursionError) as exc:
         message = str(exc) if isinstance(exc, BoundsError) else f"{what} nests too deep to parse; flatten it"
         raise YAMLBoundsError(message) from None
+    except (ValueError, TypeError, AttributeError, OverflowError) as exc:
+        # Constructors of dates, tagged scalars and huge integers fail outside PyYAML's own errors.
+        problem = " ".join(str(exc).split())[:200]
+        raise YAMLValueError(f"a value cannot be read ({problem}); quote it to keep it as text") from None
 
 
 def _yaml_problem(exc: yaml.YAMLError) -> str:
@@ -139,7 +156,16 @@ def _key_path(error) -> str:
     return ".".join(str(p) for p in error.absolute_path) or "<top level>"
 
 
+def _short(text: str, limit: int = 300) -> str:
+    """A message part cut to ``limit`` characters (jsonschema quotes the whole offending value)."""
+    return text if len(text) <= limit else text[: limit - 1] + "\u2026"
+
+
 def _describe(error, schema: Mapping) -> str:
+    return _short(" ".join(_describe_long(error, schema).split()), 600)
+
+
+def _describe_long(error, schema: Mapping) -> str:
     path = _key_path(error)
     if error.validator == "additionalProperties":
         # Name the unknown key and suggest the closest valid one (typos are the usual cause).
@@ -155,8 +181,24 @@ def _describe(error, schema: Mapping) -> str:
         where = "" if path == "<top level>" else f" in '{path}'"
         return f"unknown key {', '.join(hints)}{where}; valid keys: {', '.join(allowed)}"
     if error.validator == "enum":
-        return f"'{path}': {error.instance!r} is not one of {error.validator_value}"
+        return f"'{path}': {_short(repr(error.instance))} is not one of {error.validator_value}"
+    if error.validator in ("maxItems", "maxLength"):
+        # Name the bound and the size, without quoting a huge value back.
+        unit = "items" if error.validator == "maxItems" else "characters"
+        return (
+            f"'{path}': {len(error.instance):,} {unit}, more than the {error.validator_value:,} allowed"
+            + _bound_reason(error)
+        )
+    if error.validator in ("maximum", "minimum"):
+        word = "greater than the maximum" if error.validator == "maximum" else "less than the minimum"
+        return f"'{path}': {_short(repr(error.instance), 60)} is {word} of {error.validator_value}"
     return f"'{path}': {error.message}"
+
+
+def _bound_reason(error) -> str:
+    """The schema's description of a bounded key, so the message says why the bound is there."""
+    description = (error.schema or {}).get("description") if isinstance(error.schema, Mapping) else None
+    return f" ({description.rstrip('.')})" if description else ""
 
 
 def validate(cfg: Mapping[str, Any] | None) -> dict:
@@ -201,11 +243,27 @@ def _check_keys_and_numbers(cfg: Mapping, schema: Mapping, prefix: str = "") -> 
         name = prefix + key
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"invalid run configuration: '{name}': {value} is not a finite number")
-        types = props.get(key, {}).get("type", [])
+        prop = props.get(key, {})
+        types = prop.get("type", [])
         types = [types] if isinstance(types, str) else types
         if isinstance(value, float) and "integer" in types and "number" not in types:
             raise ConfigError(
                 f"invalid run configuration: '{name}': {value} must be a whole number like {int(value)}"
+            )
+        if (
+            isinstance(value, int)
+            and not isinstance(value, bool)
+            and "number" in types
+            and abs(value) > _FLOAT_MAX
+        ):
+            raise ConfigError(
+                f"invalid run configuration: '{name}': {len(str(abs(value)))}-digit number is not finite as a float"
+            )
+        if isinstance(value, list) and len(value) > prop.get("maxItems", len(value)):
+            # Before jsonschema, which would check every item of a list too long to use anyway.
+            raise ConfigError(
+                f"invalid run configuration: '{name}': {len(value):,} items, more than the "
+                f"{prop['maxItems']:,} allowed"
             )
         if isinstance(value, Mapping) and "object" in types:
             _check_keys_and_numbers(value, props[key], name + ".")
@@ -250,10 +308,26 @@ def _resolve(cfg: dict) -> dict:
     check_template("prompt_template", cfg["prompt_template"])
     for i, template in enumerate(cfg["pretrain"]["templates"]):
         check_template(f"pretrain.templates[{i}]", template)
+    for key in PATH_KEYS:
+        check_home(key, cfg[key])
     if cfg["val_fraction"] == 0 and cfg["evaluate_on"] == "val":
         raise ConfigError("'evaluate_on': val needs val_fraction > 0")
     _check_widths(cfg)
     return cfg
+
+
+def check_home(key: str, value: Any) -> None:
+    """A path setting that starts with ``~`` must expand: ``~nosuchuser/data`` (or ``~`` without a
+    home folder) would otherwise reach the data or model loader as a literal folder name, or fail
+    there with pathlib's RuntimeError."""
+    if not isinstance(value, str) or not value.startswith("~"):
+        return
+    if os.path.expanduser(value).startswith("~"):
+        user = value[1:].split("/", 1)[0]
+        who = (
+            f"there is no user {user!r} on this machine" if user else "this process has no home folder (HOME)"
+        )
+        raise ConfigError(f"'{key}': {value!r} starts with ~{user}, but {who}; write the full path")
 
 
 @cache
@@ -316,6 +390,25 @@ def read_yaml_file(path: str | Path, what: str, error: type[ConfigError] = Confi
         raise error(f"{what} {path} is not valid YAML: {_yaml_problem(exc)}") from None
 
 
+def check_workflow_config(config: Any, files: Iterable[str | Path] = ()) -> None:
+    """Refuse a workflow config before Snakemake's schema validation walks it (the Snakefile calls
+    this first): each of ``files`` is read again with dmnsp's bounded reader, which refuses what
+    Snakemake's own reader lets through (a key written twice, text that is not UTF-8, nesting
+    deeper than Python can parse), and the loaded ``config`` is walked within the node and depth
+    bounds of :func:`dmnsp.bounded.check_tree` (a YAML alias bomb loads in microseconds and explodes
+    only when something walks it).
+
+    Raises:
+        ConfigError: one line naming the file or the problem.
+    """
+    for path in files:
+        read_yaml_file(path, "workflow config")
+    try:
+        check_tree(config, "the workflow config")
+    except BoundsError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def class_order_list(content: Any, source: str, error: type[ConfigError] = ConfigError) -> list:
     """The class order a class-order file holds, in either of its two shapes: a bare YAML list of
     ids (``[3, 1, 2]``) or a mapping with a ``class_order`` list (``class_order: [3, 1, 2]``).
@@ -329,6 +422,7 @@ def class_order_list(content: Any, source: str, error: type[ConfigError] = Confi
 def read_class_order_file(path: str | Path, error: type[ConfigError] = ConfigError) -> list:
     """Read a class-order file (either shape of :func:`class_order_list`); the planner and the
     task jobs both read class orders here, so they agree on what a file holds."""
+    path = os.path.expanduser(path)  # "~/orders/x.yaml"; a ~user with no user stays (and is not found)
     return class_order_list(
         read_yaml_file(path, "class_order file", error), f"class_order file {path}", error
     )
