@@ -15,13 +15,15 @@ from dmnsp.config import ConfigError, check_workflow_config
 
 min_version("9.0")
 
+SCHEMA = f"{workflow.basedir}/workflow/schemas/config.schema.yaml"
+
 
 def check_config(files):
     """dmnsp's bounded reader on the config files, and a bounded walk of `config`, before anything
     else reads or walks them (see dmnsp.config.check_workflow_config): one line, not a hang.
     """
     try:
-        check_workflow_config(config, files)
+        check_workflow_config(config, files, SCHEMA)
     except ConfigError as exc:
         raise WorkflowError(f"invalid workflow config: {exc}") from None
 
@@ -34,7 +36,7 @@ if not workflow.overwrite_configfiles:
 
 
 check_config(workflow.configfiles)
-validate(config, "workflow/schemas/config.schema.yaml")
+validate(config, SCHEMA)  # fills the schema's defaults (check_config validated already)
 
 
 include: "workflow/rules/common.smk"

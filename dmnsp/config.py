@@ -157,29 +157,31 @@ def _key_path(error) -> str:
 
 
 def _short(text: str, limit: int = 300) -> str:
-    """A message part cut to ``limit`` characters (jsonschema quotes the whole offending value)."""
-    return text if len(text) <= limit else text[: limit - 1] + "\u2026"
+    """A message part cut to ``limit`` characters, its middle dropped (jsonschema quotes the whole
+    offending value at the start and says what is wrong with it at the end)."""
+    if len(text) <= limit:
+        return text
+    head = (limit - 1) // 2
+    return text[:head] + "\u2026" + text[len(text) - (limit - 1 - head) :]
 
 
 def _describe(error, schema: Mapping) -> str:
-    return _short(" ".join(_describe_long(error, schema).split()), 600)
+    return " ".join(_describe_long(error, schema).split())  # one line, whatever the values hold
 
 
 def _describe_long(error, schema: Mapping) -> str:
     path = _key_path(error)
     if error.validator == "additionalProperties":
         # Name the unknown key and suggest the closest valid one (typos are the usual cause).
-        parent = schema
-        for part in error.absolute_path:
-            parent = parent.get("properties", {}).get(part, {})
+        parent = error.schema if isinstance(error.schema, Mapping) else {}
         allowed = sorted(parent.get("properties", {}))
-        extras = sorted(set(error.instance) - set(allowed))
-        hints = []
-        for key in extras:
+        extras = sorted(set(error.instance) - set(allowed), key=str)
+        hints = [] if len(extras) <= 5 else [f"and {len(extras) - 5} more"]
+        for key in reversed(extras[:5]):
             close = difflib.get_close_matches(key, allowed, n=1)
-            hints.append(f"'{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+            hints.append(f"'{_short(str(key), 60)}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
         where = "" if path == "<top level>" else f" in '{path}'"
-        return f"unknown key {', '.join(hints)}{where}; valid keys: {', '.join(allowed)}"
+        return f"unknown key {', '.join(reversed(hints))}{where}; valid keys: {', '.join(allowed)}"
     if error.validator == "enum":
         return f"'{path}': {_short(repr(error.instance))} is not one of {error.validator_value}"
     if error.validator in ("maxItems", "maxLength"):
@@ -192,7 +194,8 @@ def _describe_long(error, schema: Mapping) -> str:
     if error.validator in ("maximum", "minimum"):
         word = "greater than the maximum" if error.validator == "maximum" else "less than the minimum"
         return f"'{path}': {_short(repr(error.instance), 60)} is {word} of {error.validator_value}"
-    return f"'{path}': {error.message}"
+    reason = _bound_reason(error) if error.validator in ("pattern", "not", "const") else ""
+    return f"'{_short(path, 200)}': {_short(error.message)}{reason}"
 
 
 def _bound_reason(error) -> str:
@@ -310,6 +313,7 @@ def _resolve(cfg: dict) -> dict:
         check_template(f"pretrain.templates[{i}]", template)
     for key in PATH_KEYS:
         check_home(key, cfg[key])
+    _check_model_name(cfg["model_name"])
     if cfg["val_fraction"] == 0 and cfg["evaluate_on"] == "val":
         raise ConfigError("'evaluate_on': val needs val_fraction > 0")
     _check_widths(cfg)
@@ -328,6 +332,21 @@ def check_home(key: str, value: Any) -> None:
             f"there is no user {user!r} on this machine" if user else "this process has no home folder (HOME)"
         )
         raise ConfigError(f"'{key}': {value!r} starts with ~{user}, but {who}; write the full path")
+
+
+def _check_model_name(name: str) -> None:
+    """An architecture name, never a path: :func:`tower_widths` looks ``<name>.json`` up in config
+    folders, where ``../../x`` would read any JSON file on the machine as a model architecture."""
+    if "/" in name or "\\" in name or name.startswith(".") or not name.strip() or not name.isprintable():
+        hint = (
+            f" (open_clip writes {name.replace('/', '-')})"
+            if re.fullmatch(r"[A-Za-z]+-[A-Za-z]+/\d+", name)
+            else ""
+        )
+        raise ConfigError(
+            f"'model_name': unknown model_name {_short(repr(name), 80)}{hint}; an architecture name holds no path "
+            "parts (python -m dmnsp list-models lists them)"
+        )
 
 
 @cache
@@ -390,13 +409,17 @@ def read_yaml_file(path: str | Path, what: str, error: type[ConfigError] = Confi
         raise error(f"{what} {path} is not valid YAML: {_yaml_problem(exc)}") from None
 
 
-def check_workflow_config(config: Any, files: Iterable[str | Path] = ()) -> None:
+def check_workflow_config(
+    config: Any, files: Iterable[str | Path] = (), schema: str | Path | None = None
+) -> None:
     """Refuse a workflow config before Snakemake's schema validation walks it (the Snakefile calls
     this first): each of ``files`` is read again with dmnsp's bounded reader, which refuses what
     Snakemake's own reader lets through (a key written twice, text that is not UTF-8, nesting
     deeper than Python can parse), and the loaded ``config`` is walked within the node and depth
     bounds of :func:`dmnsp.bounded.check_tree` (a YAML alias bomb loads in microseconds and explodes
-    only when something walks it).
+    only when something walks it). With ``schema`` (the workflow's JSON schema file), the config is
+    validated against it here too, so a violation is one line naming the key (Snakemake's own
+    ``validate`` prints the schema over a dozen lines).
 
     Raises:
         ConfigError: one line naming the file or the problem.
@@ -407,6 +430,12 @@ def check_workflow_config(config: Any, files: Iterable[str | Path] = ()) -> None
         check_tree(config, "the workflow config")
     except BoundsError as exc:
         raise ConfigError(str(exc)) from None
+    if schema is not None:
+        rules = yaml.safe_load(Path(schema).read_text())
+        errors = Draft202012Validator(rules).iter_errors(config)
+        first = min(errors, key=lambda e: (len(e.absolute_path), str(e.absolute_path)), default=None)
+        if first is not None:
+            raise ConfigError(_describe(first, rules))
 
 
 def class_order_list(content: Any, source: str, error: type[ConfigError] = ConfigError) -> list:
