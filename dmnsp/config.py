@@ -485,13 +485,13 @@ def parse_overrides(items: list[str] | None) -> dict:
     out = {}
     for item in items or []:
         if "=" not in item:
-            raise ConfigError(f"override '{item}' must look like key=value")
+            raise ConfigError(f"override '{_short(item, 120)}' must look like key=value")
         key, value = item.split("=", 1)
         try:
             out[key.strip()] = load_yaml(value)
         except yaml.YAMLError as exc:
             raise ConfigError(
-                f"override '{item}': the value is not valid YAML ({_yaml_problem(exc)}); quote it, "
+                f"override '{_short(item, 120)}': the value is not valid YAML ({_short(_yaml_problem(exc))}); quote it, "
                 "e.g. --set 'prompt_template=\"a photo of a {}.\"'"
             ) from None
     return out

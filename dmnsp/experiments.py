@@ -453,7 +453,7 @@ def read_sheet(path: str) -> tuple[dict, ...]:
     delimiter = "," if file.suffix.lower() == ".csv" else "\t"
     text = read_text_file(file, "'sheet': sweep sheet")
     lines = [line for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
-    reader = csv.reader(lines, delimiter=delimiter)
+    reader = _csv_rows(lines, delimiter, path)
     header = [h.strip() for h in next(reader, [])]
     if not header or len(set(header)) != len(header):
         raise ConfigError(f"'sheet': {path} needs a header row of distinct run keys, got {_shown(header)}")
@@ -471,10 +471,10 @@ def read_sheet(path: str) -> tuple[dict, ...]:
         for key, cell in zip(header, cells, strict=True):
             if cell.strip():
                 try:
-                    row[key] = load_yaml(cell.strip())
+                    row[key] = load_yaml(cell.strip(), f"the cell of row {number}")
                 except yaml.YAMLError as exc:
                     raise ConfigError(
-                        f"'sheet.{key}': row {number} value {_shown(cell, 80)} is not a scalar: "
+                        f"'sheet.{key}': row {number} value {_shown(cell, 80)} cannot be read: "
                         f"{' '.join(str(exc).split())[:300]}"
                     ) from None
         rows.append(row)
@@ -482,6 +482,20 @@ def read_sheet(path: str) -> tuple[dict, ...]:
         raise ConfigError(f"'sheet': {path} has no rows")
     _refuse_colliding_rows(path, rows)
     return tuple(rows)
+
+
+def _csv_rows(lines: list[str], delimiter: str, path: str) -> Iterable[list[str]]:
+    """csv.reader's rows, its errors (a cell past csv's field size limit, a stray quote) one line."""
+    reader = csv.reader(lines, delimiter=delimiter)
+    while True:
+        try:
+            yield next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            raise ConfigError(
+                f"'sheet': {path} line {reader.line_num} is not {delimiter!r}-separated values: {exc}"
+            ) from None
 
 
 def _refuse_colliding_rows(path: str, rows: list[dict]) -> None:
