@@ -18,25 +18,25 @@ min_version("9.0")
 SCHEMA = f"{workflow.basedir}/workflow/schemas/config.schema.yaml"
 
 
-def check_config(files):
-    """dmnsp's bounded reader on the config files, and a bounded walk of `config`, before anything
-    else reads or walks them (see dmnsp.config.check_workflow_config): one line, not a hang.
-    """
-    try:
-        check_workflow_config(config, files, SCHEMA)
-    except ConfigError as exc:
-        raise WorkflowError(f"invalid workflow config: {exc}") from None
-
-
+# dmnsp's bounded reader on the config files, a bounded walk of `config` and its schema, before
+# anything else reads or walks them (dmnsp.config.check_workflow_config): one line, not a hang.
 if not workflow.overwrite_configfiles:
     # Before Snakemake's own reader, which answers a non-UTF-8 or too deep file with a traceback.
-    check_config(["config/config.yaml"])
+    try:
+        check_workflow_config({}, ["config/config.yaml"])
+    except ConfigError as exc:
+        raise WorkflowError(f"invalid workflow config: {exc}") from None
 
     configfile: "config/config.yaml"
 
 
-check_config(workflow.configfiles)
-validate(config, SCHEMA)  # fills the schema's defaults (check_config validated already)
+try:
+    check_workflow_config(config, workflow.configfiles, SCHEMA)
+except ConfigError as exc:
+    raise WorkflowError(f"invalid workflow config: {exc}") from None
+
+# Fills the schema's defaults (the check above validated already).
+validate(config, SCHEMA)
 
 
 include: "workflow/rules/common.smk"
