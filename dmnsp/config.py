@@ -165,11 +165,11 @@ def _short(text: str, limit: int = 300) -> str:
     return text[:head] + "\u2026" + text[len(text) - (limit - 1 - head) :]
 
 
-def _describe(error, schema: Mapping) -> str:
-    return " ".join(_describe_long(error, schema).split())  # one line, whatever the values hold
+def _describe(error) -> str:
+    return " ".join(_describe_long(error).split())  # one line, whatever the values hold
 
 
-def _describe_long(error, schema: Mapping) -> str:
+def _describe_long(error) -> str:
     path = _key_path(error)
     if error.validator == "additionalProperties":
         # Name the unknown key and suggest the closest valid one (typos are the usual cause).
@@ -229,7 +229,7 @@ def validate(cfg: Mapping[str, Any] | None) -> dict:
         validator.iter_errors(dict(cfg)), key=lambda e: (len(e.absolute_path), str(e.absolute_path))
     )
     if errors:
-        raise ConfigError("invalid run configuration: " + _describe(errors[0], schema))
+        raise ConfigError("invalid run configuration: " + _describe(errors[0]))
     out = _fill_defaults(dict(cfg), schema)
     return _resolve(out)
 
@@ -328,10 +328,14 @@ def check_home(key: str, value: Any) -> None:
         return
     if os.path.expanduser(value).startswith("~"):
         user = value[1:].split("/", 1)[0]
-        who = (
-            f"there is no user {user!r} on this machine" if user else "this process has no home folder (HOME)"
+        whose = (
+            f"of {_short(repr(user), 60)}, but there is no such user on this machine"
+            if user
+            else "of whoever runs it, but this process has no home folder (HOME)"
         )
-        raise ConfigError(f"'{key}': {value!r} starts with ~{user}, but {who}; write the full path")
+        raise ConfigError(
+            f"'{key}': {_short(repr(value), 100)} starts with the home folder {whose}; write the full path"
+        )
 
 
 def _check_model_name(name: str) -> None:
@@ -435,7 +439,7 @@ def check_workflow_config(
         errors = Draft202012Validator(rules).iter_errors(config)
         first = min(errors, key=lambda e: (len(e.absolute_path), str(e.absolute_path)), default=None)
         if first is not None:
-            raise ConfigError(_describe(first, rules))
+            raise ConfigError(_describe(first))
 
 
 def class_order_list(content: Any, source: str, error: type[ConfigError] = ConfigError) -> list:

@@ -540,18 +540,21 @@ def test_scenarios_of_one_class_are_refused_at_validation_and_planning(tmp_path)
 
 
 def test_a_home_folder_of_no_user_is_one_line(tmp_path, capsys):
-    with pytest.raises(ConfigError, match="'dataset_root': '~nosuchuser/data' starts with ~nosuchuser, but there is no user"):  # fmt: skip
+    with pytest.raises(ConfigError, match="'dataset_root': '~nosuchuser/data' starts with the home folder of 'nosuchuser', but there is no such user"):  # fmt: skip
         validate({"dataset_root": "~nosuchuser/data"})
     for key in ("cache_dir", "pretrained", "class_order"):
         with pytest.raises(ConfigError, match=f"'{key}'"):
             validate({key: "~nosuchuser/x"})
     check_home("dataset_root", "~/data")  # the user's own home expands
+    with pytest.raises(ConfigError, match=r"'dataset_root': '~a\\nb' starts") as info:
+        validate({"dataset_root": "~a\nb"})
+    assert "\n" not in str(info.value)
     config = tmp_path / "c.yaml"
     config.write_text(
         "dataset_root: ~nosuchuser/data\nmodel_name: dmnsp-tiny\npretrained: null\ndevice: cpu\n"
     )
     assert main(["run", "--config", str(config), "--quiet"]) == 2  # was RuntimeError from pathlib
-    assert "no user 'nosuchuser'" in one_line_error(capsys)
+    assert "of 'nosuchuser', but there is no such user" in one_line_error(capsys)
     spec = {**experiment(dataset_root="~nosuchuser/data"), "datasets": ["imagefolder"]}
     with pytest.raises(ConfigError, match="'dataset_root'"):  # planning counted the folders first
         expand_experiment("e", spec)
