@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_hostile import experiment, one_line_error
 
 from dmnsp.cli import main
 from dmnsp.config import (
@@ -73,22 +74,6 @@ def interpolation_bomb(levels: int = 11) -> str:
 def deep(depth: int = 20_000) -> str:
     """Nested lists 20 times deeper than Python's default recursion limit."""
     return "[" * depth + "]" * depth
-
-
-def one_line_error(capsys) -> str:
-    err = capsys.readouterr().err
-    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
-    return err
-
-
-def experiment(**run) -> dict:
-    return {
-        "datasets": ["fashion-mnist"],
-        "splits": ["2-2"],
-        "methods": ["dmnsp"],
-        "seeds": [0],
-        "run": {"model_name": "dmnsp-tiny", "pretrained": None, **run},
-    }
 
 
 def snakemake_dry_run(tmp_path: Path, *args: str) -> str:
