@@ -36,13 +36,17 @@ def _load(args):
 
 def _json_object(text: str, option: str) -> dict:
     """A command-line JSON object (the workflow writes them); malformed JSON is a user error."""
+    from .bounded import BoundsError, loads_json
     from .config import ConfigError
 
     try:
-        value = json.loads(text)
+        value = loads_json(text, option, allow_nan=False)  # bounded: nesting, size (never a RecursionError)
+    except BoundsError as exc:
+        raise ConfigError(str(exc)) from None
     except ValueError as exc:
         raise ConfigError(
-            f"{option} is not valid JSON ({exc}); pass one JSON object such as '{{\"lr\": 0.001}}'"
+            f"{option} is not valid JSON ({' '.join(str(exc).split())[:200]}); pass one JSON object such as "
+            "'{\"lr\": 0.001}'"
         ) from None
     if not isinstance(value, dict):
         raise ConfigError(f"{option} must be one JSON object, got {type(value).__name__}")

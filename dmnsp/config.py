@@ -12,9 +12,10 @@ import hashlib
 import importlib.util
 import json
 import math
+import os
 import re
 import string
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -41,6 +42,12 @@ EXECUTION_KEYS = frozenset(
         "evaluate_on",
     }
 )
+
+
+_FLOAT_MAX = 1.7976931348623157e308  # sys.float_info.max: larger integers overflow float()
+
+# Keys that hold a path, checked for a ``~user`` that names no user (os.path.expanduser keeps it).
+PATH_KEYS = ("dataset_root", "cache_dir", "pretrained", "class_order")
 
 
 class ConfigError(ValueError):
@@ -85,15 +92,25 @@ class YAMLBoundsError(yaml.YAMLError, BoundsError):
     ``yaml.YAMLError``, so every reader that reports malformed YAML reports it the same way."""
 
 
+class YAMLValueError(yaml.YAMLError):
+    """A scalar PyYAML recognises but cannot build (``2023-13-45`` read as a date, ``!!int abc``, an
+    integer of more than 4300 digits): PyYAML raises a bare ValueError; this reports it as YAML."""
+
+
 def load_yaml(text: str, what: str = "the YAML document"):
     """YAML as users write it: ``1e-4`` is a number; a duplicate key is an error (yaml.YAMLError),
-    as is a document past the bounds of :func:`dmnsp.bounded.check_tree` (an alias bomb)."""
+    as is a document past the bounds of :func:`dmnsp.bounded.check_tree` (an alias bomb) or a
+    scalar that cannot be built (:class:`YAMLValueError`)."""
     try:
         value = yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
         return check_tree(value, what)
     except (BoundsError, RecursionError) as exc:
         message = str(exc) if isinstance(exc, BoundsError) else f"{what} nests too deep to parse; flatten it"
         raise YAMLBoundsError(message) from None
+    except (ValueError, TypeError, AttributeError, OverflowError) as exc:
+        # Constructors of dates, tagged scalars and huge integers fail outside PyYAML's own errors.
+        problem = " ".join(str(exc).split())[:200]
+        raise YAMLValueError(f"a value cannot be read ({problem}); quote it to keep it as text") from None
 
 
 def _yaml_problem(exc: yaml.YAMLError) -> str:
@@ -139,24 +156,52 @@ def _key_path(error) -> str:
     return ".".join(str(p) for p in error.absolute_path) or "<top level>"
 
 
-def _describe(error, schema: Mapping) -> str:
+def _short(text: str, limit: int = 300) -> str:
+    """A message part cut to ``limit`` characters, its middle dropped (jsonschema quotes the whole
+    offending value at the start and says what is wrong with it at the end)."""
+    if len(text) <= limit:
+        return text
+    head = (limit - 1) // 2
+    return text[:head] + "\u2026" + text[len(text) - (limit - 1 - head) :]
+
+
+def _describe(error) -> str:
+    return " ".join(_describe_long(error).split())  # one line, whatever the values hold
+
+
+def _describe_long(error) -> str:
     path = _key_path(error)
     if error.validator == "additionalProperties":
         # Name the unknown key and suggest the closest valid one (typos are the usual cause).
-        parent = schema
-        for part in error.absolute_path:
-            parent = parent.get("properties", {}).get(part, {})
+        parent = error.schema if isinstance(error.schema, Mapping) else {}
         allowed = sorted(parent.get("properties", {}))
-        extras = sorted(set(error.instance) - set(allowed))
-        hints = []
-        for key in extras:
+        extras = sorted(set(error.instance) - set(allowed), key=str)
+        hints = [] if len(extras) <= 5 else [f"and {len(extras) - 5} more"]
+        for key in reversed(extras[:5]):
             close = difflib.get_close_matches(key, allowed, n=1)
-            hints.append(f"'{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+            hints.append(f"'{_short(str(key), 60)}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
         where = "" if path == "<top level>" else f" in '{path}'"
-        return f"unknown key {', '.join(hints)}{where}; valid keys: {', '.join(allowed)}"
+        return f"unknown key {', '.join(reversed(hints))}{where}; valid keys: {', '.join(allowed)}"
     if error.validator == "enum":
-        return f"'{path}': {error.instance!r} is not one of {error.validator_value}"
-    return f"'{path}': {error.message}"
+        return f"'{path}': {_short(repr(error.instance))} is not one of {error.validator_value}"
+    if error.validator in ("maxItems", "maxLength"):
+        # Name the bound and the size, without quoting a huge value back.
+        unit = "items" if error.validator == "maxItems" else "characters"
+        return (
+            f"'{path}': {len(error.instance):,} {unit}, more than the {error.validator_value:,} allowed"
+            + _bound_reason(error)
+        )
+    if error.validator in ("maximum", "minimum"):
+        word = "greater than the maximum" if error.validator == "maximum" else "less than the minimum"
+        return f"'{path}': {_short(repr(error.instance), 60)} is {word} of {error.validator_value}"
+    reason = _bound_reason(error) if error.validator in ("pattern", "not", "const") else ""
+    return f"'{_short(path, 200)}': {_short(error.message)}{reason}"
+
+
+def _bound_reason(error) -> str:
+    """The schema's description of a bounded key, so the message says why the bound is there."""
+    description = (error.schema or {}).get("description") if isinstance(error.schema, Mapping) else None
+    return f" ({description.rstrip('.')})" if description else ""
 
 
 def validate(cfg: Mapping[str, Any] | None) -> dict:
@@ -184,7 +229,7 @@ def validate(cfg: Mapping[str, Any] | None) -> dict:
         validator.iter_errors(dict(cfg)), key=lambda e: (len(e.absolute_path), str(e.absolute_path))
     )
     if errors:
-        raise ConfigError("invalid run configuration: " + _describe(errors[0], schema))
+        raise ConfigError("invalid run configuration: " + _describe(errors[0]))
     out = _fill_defaults(dict(cfg), schema)
     return _resolve(out)
 
@@ -201,11 +246,27 @@ def _check_keys_and_numbers(cfg: Mapping, schema: Mapping, prefix: str = "") -> 
         name = prefix + key
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"invalid run configuration: '{name}': {value} is not a finite number")
-        types = props.get(key, {}).get("type", [])
+        prop = props.get(key, {})
+        types = prop.get("type", [])
         types = [types] if isinstance(types, str) else types
         if isinstance(value, float) and "integer" in types and "number" not in types:
             raise ConfigError(
                 f"invalid run configuration: '{name}': {value} must be a whole number like {int(value)}"
+            )
+        if (
+            isinstance(value, int)
+            and not isinstance(value, bool)
+            and "number" in types
+            and abs(value) > _FLOAT_MAX
+        ):
+            raise ConfigError(
+                f"invalid run configuration: '{name}': {len(str(abs(value)))}-digit number is not finite as a float"
+            )
+        if isinstance(value, list) and len(value) > prop.get("maxItems", len(value)):
+            # Before jsonschema, which would check every item of a list too long to use anyway.
+            raise ConfigError(
+                f"invalid run configuration: '{name}': {len(value):,} items, more than the "
+                f"{prop['maxItems']:,} allowed"
             )
         if isinstance(value, Mapping) and "object" in types:
             _check_keys_and_numbers(value, props[key], name + ".")
@@ -250,10 +311,46 @@ def _resolve(cfg: dict) -> dict:
     check_template("prompt_template", cfg["prompt_template"])
     for i, template in enumerate(cfg["pretrain"]["templates"]):
         check_template(f"pretrain.templates[{i}]", template)
+    for key in PATH_KEYS:
+        check_home(key, cfg[key])
+    _check_model_name(cfg["model_name"])
     if cfg["val_fraction"] == 0 and cfg["evaluate_on"] == "val":
         raise ConfigError("'evaluate_on': val needs val_fraction > 0")
     _check_widths(cfg)
     return cfg
+
+
+def check_home(key: str, value: Any) -> None:
+    """A path setting that starts with ``~`` must expand: ``~nosuchuser/data`` (or ``~`` without a
+    home folder) would otherwise reach the data or model loader as a literal folder name, or fail
+    there with pathlib's RuntimeError."""
+    if not isinstance(value, str) or not value.startswith("~"):
+        return
+    if os.path.expanduser(value).startswith("~"):
+        user = value[1:].split("/", 1)[0]
+        whose = (
+            f"of {_short(repr(user), 60)}, but there is no such user on this machine"
+            if user
+            else "of whoever runs it, but this process has no home folder (HOME)"
+        )
+        raise ConfigError(
+            f"'{key}': {_short(repr(value), 100)} starts with the home folder {whose}; write the full path"
+        )
+
+
+def _check_model_name(name: str) -> None:
+    """An architecture name, never a path: :func:`tower_widths` looks ``<name>.json`` up in config
+    folders, where ``../../x`` would read any JSON file on the machine as a model architecture."""
+    if "/" in name or "\\" in name or name.startswith(".") or not name.strip() or not name.isprintable():
+        hint = (
+            f" (open_clip writes {name.replace('/', '-')})"
+            if re.fullmatch(r"[A-Za-z]+-[A-Za-z]+/\d+", name)
+            else ""
+        )
+        raise ConfigError(
+            f"'model_name': unknown model_name {_short(repr(name), 80)}{hint}; an architecture name holds no path "
+            "parts (python -m dmnsp list-models lists them)"
+        )
 
 
 @cache
@@ -316,6 +413,35 @@ def read_yaml_file(path: str | Path, what: str, error: type[ConfigError] = Confi
         raise error(f"{what} {path} is not valid YAML: {_yaml_problem(exc)}") from None
 
 
+def check_workflow_config(
+    config: Any, files: Iterable[str | Path] = (), schema: str | Path | None = None
+) -> None:
+    """Refuse a workflow config before Snakemake's schema validation walks it (the Snakefile calls
+    this first): each of ``files`` is read again with dmnsp's bounded reader, which refuses what
+    Snakemake's own reader lets through (a key written twice, text that is not UTF-8, nesting
+    deeper than Python can parse), and the loaded ``config`` is walked within the node and depth
+    bounds of :func:`dmnsp.bounded.check_tree` (a YAML alias bomb loads in microseconds and explodes
+    only when something walks it). With ``schema`` (the workflow's JSON schema file), the config is
+    validated against it here too, so a violation is one line naming the key (Snakemake's own
+    ``validate`` prints the schema over a dozen lines).
+
+    Raises:
+        ConfigError: one line naming the file or the problem.
+    """
+    for path in files:
+        read_yaml_file(path, "workflow config")
+    try:
+        check_tree(config, "the workflow config")
+    except BoundsError as exc:
+        raise ConfigError(str(exc)) from None
+    if schema is not None:
+        rules = yaml.safe_load(Path(schema).read_text())
+        errors = Draft202012Validator(rules).iter_errors(config)
+        first = min(errors, key=lambda e: (len(e.absolute_path), str(e.absolute_path)), default=None)
+        if first is not None:
+            raise ConfigError(_describe(first))
+
+
 def class_order_list(content: Any, source: str, error: type[ConfigError] = ConfigError) -> list:
     """The class order a class-order file holds, in either of its two shapes: a bare YAML list of
     ids (``[3, 1, 2]``) or a mapping with a ``class_order`` list (``class_order: [3, 1, 2]``).
@@ -329,6 +455,7 @@ def class_order_list(content: Any, source: str, error: type[ConfigError] = Confi
 def read_class_order_file(path: str | Path, error: type[ConfigError] = ConfigError) -> list:
     """Read a class-order file (either shape of :func:`class_order_list`); the planner and the
     task jobs both read class orders here, so they agree on what a file holds."""
+    path = os.path.expanduser(path)  # "~/orders/x.yaml"; a ~user with no user stays (and is not found)
     return class_order_list(
         read_yaml_file(path, "class_order file", error), f"class_order file {path}", error
     )
@@ -362,13 +489,13 @@ def parse_overrides(items: list[str] | None) -> dict:
     out = {}
     for item in items or []:
         if "=" not in item:
-            raise ConfigError(f"override '{item}' must look like key=value")
+            raise ConfigError(f"override '{_short(item, 120)}' must look like key=value")
         key, value = item.split("=", 1)
         try:
             out[key.strip()] = load_yaml(value)
         except yaml.YAMLError as exc:
             raise ConfigError(
-                f"override '{item}': the value is not valid YAML ({_yaml_problem(exc)}); quote it, "
+                f"override '{_short(item, 120)}': the value is not valid YAML ({_short(_yaml_problem(exc))}); quote it, "
                 "e.g. --set 'prompt_template=\"a photo of a {}.\"'"
             ) from None
     return out

@@ -18,7 +18,7 @@ from .adapters import adapter_state_dict, load_adapter_state_dict, state_mismatc
 from .checkpoint import CheckpointError, TaskState, load_checkpoint
 from .config import ConfigError
 from .datasets import DatasetSplits, load_dataset
-from .devices import available_cores, pick_device, set_threads
+from .devices import available_cores, check_workers, pick_device, set_threads
 from .evaluate import evaluate_seen
 from .layout import task_dir, write_task_outputs
 from .loaders import derive_seed
@@ -29,7 +29,7 @@ from .train import peak_memory_mb, train_task
 
 def _num_workers(spec: int | str) -> int:
     if spec != "auto":
-        return int(spec)
+        return check_workers(int(spec))
     cores = available_cores()
     # Tiny images decode in microseconds: extra processes only pay off with spare cores.
     return 0 if cores <= 2 else min(8, cores - 1)
