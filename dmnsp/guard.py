@@ -181,8 +181,8 @@ def check_task_dir(out_dir: str | Path, task: int, resume: str | Path | None) ->
     evaluation = out / layout.EVAL
     if evaluation.is_file():
         try:
-            done = json.loads(evaluation.read_text(encoding="utf-8")).get("task")
-        except (OSError, ValueError, AttributeError):
+            done = layout.read_eval_record(evaluation).get("task")
+        except (OSError, ValueError):  # ConfigError is a ValueError: a damaged record is no task's
             done = None
         if done != task:
             raise ConfigError(

@@ -203,15 +203,16 @@ def test_unreadable_files_are_named(tmp_path, monkeypatch):
     path = tmp_path / "secret.yaml"
     path.write_text("lr: 0.1\n")
     if os.geteuid() == 0:  # root reads through chmod 000: make the read itself fail as it would
-        real_open = builtins.open
+        real_open, real_os_open = builtins.open, os.open
 
         def deny(file, *args, **kwargs):
-            if Path(file) == path:
+            if isinstance(file, str | os.PathLike) and Path(file) == path:
                 raise PermissionError(13, "Permission denied", str(file))
-            return real_open(file, *args, **kwargs)
+            return (real_os_open if args and isinstance(args[0], int) else real_open)(file, *args, **kwargs)
 
         monkeypatch.setattr(builtins, "open", deny)
         monkeypatch.setattr("io.open", deny)
+        monkeypatch.setattr(os, "open", deny)  # dmnsp.bounded opens by descriptor (O_NONBLOCK)
     else:
         path.chmod(0)
     with pytest.raises(ConfigError, match="cannot be read \\(Permission denied\\); check its permissions"):

@@ -276,3 +276,251 @@ def test_checkpoint_errors_stay_short_with_huge_crafted_fields(tmp_path, make_co
     with pytest.raises(CheckpointError) as info:
         load_checkpoint(rewrite(path, header, body), cfg)
     assert len(str(info.value)) < 500 and "\n" not in str(info.value)
+
+
+# ======================================================================== result files
+def _eval(t: int, n_tasks: int = 2) -> dict:
+    """A well-formed eval.json of task t (what dmnsp.evaluate writes), 20 images per task, 5 classes each."""
+    per_task = [0.5] * (t + 1)
+    n = 20 * (t + 1)
+    classes = 5 * (t + 1)
+    return {
+        "task": t,
+        "n_tasks": n_tasks,
+        "accuracy_per_task": per_task,
+        "n_samples_per_task": [20] * (t + 1),
+        "accuracy": 0.5,
+        "n_samples": n,
+        "predictions_per_class": [4] * classes,
+        "labels_per_class": [4] * classes,
+        "seconds": 0.25,
+        "peak_mem_mb": 100.0,
+    }
+
+
+def _diagnostics(t: int) -> dict:
+    return {
+        "task": t,
+        "steps": 2,
+        "lambda": [[1.0, "inf"], ["nan", 2.0]] if t else None,
+        "lambda_factor_visual": [1.0, "inf"] if t else None,
+        "inf_fraction_exp_avg_sq": {"visual": 0.0, "text": 0.0},
+        "update_norm": {"visual": 0.1, "text": "inf"},
+        "seconds": {"train": 1.0, "lambda": 0.0, "basis": 0.5, "eval": 0.25},
+        "peak_mem_mb": 100.0,
+    }
+
+
+def make_run(root: Path, method: str = "dmnsp", label: str | None = None, **config) -> Path:
+    """A finished two-task run folder as dmnsp writes it (config.yaml, run.json, task records)."""
+    import yaml
+
+    root.mkdir(parents=True)
+    cfg = {"dataset": "cifar100", "initial_increment": 10, "increment": 10, "method": method, "seed": 0}
+    (root / "config.yaml").write_text(yaml.safe_dump({**cfg, **config}))
+    info = {"experiment": "x", "label": label or method, "settings": {}, "config_hash": "abc"}
+    (root / "run.json").write_text(json.dumps(info))
+    for t in range(2):
+        (root / f"task{t}").mkdir()
+        (root / f"task{t}" / "eval.json").write_text(json.dumps(_eval(t)))
+        (root / f"task{t}" / "diagnostics.json").write_text(json.dumps(_diagnostics(t)))
+    return root
+
+
+def _edit(key, value, t=1, name="eval.json"):
+    """Set ``key`` (``DROP``: delete it) in task t's record."""
+
+    def edit(run: Path) -> Path:
+        path = run / f"task{t}" / name
+        record = json.loads(path.read_text())
+        if value is DROP:
+            del record[key]
+        else:
+            record[key] = value
+        path.write_text(json.dumps(record))
+        return path
+
+    return edit
+
+
+def _raw(text: bytes | str, t=1, name="eval.json"):
+    def edit(run: Path) -> Path:
+        path = run / (f"task{t}" if name in ("eval.json", "diagnostics.json") else "") / name
+        path.write_bytes(text if isinstance(text, bytes) else text.encode())
+        return path
+
+    return edit
+
+
+def _literal(key, literal: str, t=1, name="eval.json"):
+    """``key`` set to a raw JSON token (NaN, Infinity, 1e400, a 400-digit integer)."""
+
+    def edit(run: Path) -> Path:
+        path = run / f"task{t}" / name
+        record = json.loads(path.read_text())
+        record[key] = "@@"
+        path.write_text(json.dumps(record).replace('"@@"', literal))
+        return path
+
+    return edit
+
+
+def _fifo(run: Path) -> Path:
+    import os
+
+    path = run / "task1" / "eval.json"
+    path.unlink()
+    os.mkfifo(path)
+    return path
+
+
+DROP = object()
+_DIAG = "diagnostics.json"
+#: (case, edit of a finished run, words of the one-line error). The classes of issue 17: missing
+#: keys, accuracies outside [0, 1], n_tasks 10^6, NaN/inf numbers or strings, lists for objects,
+#: wrong types, records of another task or run, and files that are not JSON records at all.
+RECORD_CASES = [
+    ("eval list", _raw("[1, 2]"), "holds list [1, 2], not a JSON object"),
+    ("eval no task", _edit("task", DROP), "it has no 'task'"),
+    ("eval no n_tasks", _edit("n_tasks", DROP), "it has no 'n_tasks'"),
+    ("eval no accuracy_per_task", _edit("accuracy_per_task", DROP), "it has no 'accuracy_per_task'"),
+    ("eval no accuracy", _edit("accuracy", DROP), "it has no 'accuracy'"),
+    ("eval task string", _edit("task", "1"), "'task' is '1', not an integer"),
+    ("eval task bool", _edit("task", True), "'task' is True, not an integer"),
+    ("eval task float", _edit("task", 1.0), "'task' is 1.0, not an integer"),
+    ("eval other task", _edit("task", 0), "lies in the folder of task 1"),
+    ("eval n_tasks 10^6", _edit("n_tasks", 10**6), "'n_tasks' is 1000000, outside 1..1000"),
+    ("eval n_tasks 0", _edit("n_tasks", 0), "'n_tasks' is 0, outside 1..1000"),
+    ("eval task past n_tasks", _edit("n_tasks", 1), "'task' is 1, but 'n_tasks' is 1"),
+    ("eval runs disagree", _edit("n_tasks", 3), "says the run has 3 tasks"),
+    ("eval accuracy 1.5", _edit("accuracy", 1.5), "'accuracy' is 1.5, not a fraction in [0, 1]"),
+    ("eval accuracy -0.1", _edit("accuracy", -0.1), "'accuracy' is -0.1, not a fraction"),
+    (
+        "eval accuracy percent",
+        _edit("accuracy_per_task", [50, 50]),
+        "accuracy_per_task[0] is 50, not a fraction",
+    ),
+    ("eval accuracy NaN", _literal("accuracy", "NaN"), "non-standard JSON literal NaN"),
+    ("eval accuracy Infinity", _literal("accuracy", "-Infinity"), "non-standard JSON literal -Infinity"),
+    ("eval accuracy 1e400", _literal("accuracy", "1e400"), "'accuracy' is inf, not a finite number"),
+    ("eval accuracy 10^400", _literal("accuracy", "1" + "0" * 400), "not a finite number"),
+    ("eval accuracy 'nan'", _edit("accuracy", "nan"), "'accuracy' is 'nan', not a number"),
+    ("eval accuracy '0.5'", _edit("accuracy", "0.5"), "'accuracy' is '0.5', not a number"),
+    ("eval accuracy null", _edit("accuracy", None), "'accuracy' is None, not a number"),
+    (
+        "eval per-task object",
+        _edit("accuracy_per_task", {"0": 0.5}),
+        "'accuracy_per_task' is {'0': 0.5}, not a list",
+    ),
+    (
+        "eval per-task length",
+        _edit("accuracy_per_task", [0.5]),
+        "'accuracy_per_task' has 1 entries, expected 2",
+    ),
+    (
+        "eval per-task nested",
+        _edit("accuracy_per_task", [0.5, [0.5]]),
+        "accuracy_per_task[1] is [0.5], not a number",
+    ),
+    ("eval per-task null", _edit("accuracy_per_task", [0.5, None]), "accuracy_per_task[1] is None"),
+    ("eval sizes string", _edit("n_samples_per_task", "40"), "'n_samples_per_task' is '40', not a list"),
+    (
+        "eval sizes negative",
+        _edit("n_samples_per_task", [-1, 41]),
+        "n_samples_per_task[0] is -1, not a count",
+    ),
+    ("eval sizes sum", _edit("n_samples", 41), "'n_samples' is 41, but 'n_samples_per_task' adds up to 40"),
+    ("eval predictions object", _edit("predictions_per_class", {"a": 1}), "is {'a': 1}, not a list"),
+    (
+        "eval predictions sum",
+        _edit("predictions_per_class", [4] * 9 + [5]),
+        "adds up to 41, but 'n_samples' is 40",
+    ),
+    ("eval labels length", _edit("labels_per_class", [40]), "'labels_per_class' has 1 entries, expected 10"),
+    ("eval predictions float", _edit("predictions_per_class", [4.0] * 10), "predictions_per_class[0] is 4.0"),
+    ("eval seconds string", _edit("seconds", "fast"), "'seconds' is 'fast', not a number"),
+    ("eval memory negative", _edit("peak_mem_mb", -1), "'peak_mem_mb' is -1, not in [0.0, inf]"),
+    ("eval deep", _raw("[" * 100_000 + "]" * 100_000), "nests deeper than"),
+    ("eval empty", _raw(b""), "eval.json is damaged or unreadable (Expecting value"),
+    ("eval not JSON", _raw(b"{not json"), "eval.json is damaged or unreadable"),
+    ("eval not UTF-8", _raw(b'{"task": "\xff"}'), "is not UTF-8 text"),
+    ("eval too large", _raw(b" " * (17 << 20)), "larger than 16 MiB"),
+    ("eval FIFO", _fifo, "not a regular file"),
+    ("diag seconds list", _edit("seconds", [1, 2], name=_DIAG), "'seconds' is [1, 2], not an object"),
+    (
+        "diag seconds string",
+        _edit("seconds", {"train": "x"}, name=_DIAG),
+        "seconds['train'] is 'x', not a number",
+    ),
+    ("diag memory string", _edit("peak_mem_mb", "big", name=_DIAG), "'peak_mem_mb' is 'big', not a number"),
+    ("diag lambda string", _edit("lambda", "x", name=_DIAG), "'lambda' is 'x', not a list"),
+    ("diag lambda ragged", _edit("lambda", [[1.0, 2.0]], name=_DIAG), "'lambda' is not a square matrix"),
+    ("diag lambda word", _edit("lambda", [["boom"]], name=_DIAG), "lambda[0][0] is 'boom', not a number"),
+    ("diag norms list", _edit("update_norm", [], name=_DIAG), "'update_norm' is [], not an object"),
+    ("diag other task", _edit("task", 0, name=_DIAG), "lies in the folder of task 1"),
+    ("diag NaN literal", _literal("peak_mem_mb", "NaN", name=_DIAG), "non-standard JSON literal NaN"),
+]
+#: Files only the results stage reads (not `dmnsp metrics`).
+STAGE_CASES = [
+    ("run.json list", _raw("[1]", name="run.json"), "run.json is not a dmnsp run record: it holds list"),
+    ("run.json label object", _raw('{"label": {"a": 1}}', name="run.json"), "'label' is {'a': 1}, not text"),
+    (
+        "run.json settings list",
+        _raw('{"settings": [1]}', name="run.json"),
+        "'settings' is [1], not an object",
+    ),
+    ("run.json experiment int", _raw('{"experiment": 5}', name="run.json"), "'experiment' is 5, not text"),
+    ("run.json NaN", _raw('{"label": NaN}', name="run.json"), "non-standard JSON literal NaN"),
+    (
+        "config increment text",
+        _raw("initial_increment: x\n", name="config.yaml"),
+        "'initial_increment' is 'x'",
+    ),
+    (
+        "config projection list",
+        _raw("projection: [1]\n", name="config.yaml"),
+        "'projection' is [1], not an object",
+    ),
+    (
+        "config seed text",
+        _raw("seed: zero\n", name="config.yaml"),
+        "'seed' is 'zero', not an integer or null",
+    ),
+    ("config lr nan", _raw("lr: .nan\n", name="config.yaml"), "'lr' is nan, not a finite number or null"),
+]
+
+
+@pytest.mark.parametrize(("case", "edit", "needle"), RECORD_CASES, ids=[c[0] for c in RECORD_CASES])
+def test_damaged_task_records_are_one_line_in_dmnsp_metrics(tmp_path, capsys, case, edit, needle):
+    run = make_run(tmp_path / "run")
+    damaged = edit(run)
+    assert main(["metrics", "--run-dir", str(run)]) == 2
+    err = one_line_error(capsys)
+    assert str(damaged) in err and needle in err, err
+    assert "delete" in err and "rerun" in err
+    assert not (run / "metrics.json").exists()  # never called complete (NaN accuracy included)
+
+
+@pytest.mark.parametrize(
+    ("case", "edit", "needle"), RECORD_CASES + STAGE_CASES, ids=[c[0] for c in RECORD_CASES + STAGE_CASES]
+)
+def test_damaged_records_are_one_line_in_the_results_stage(tmp_path, capsys, case, edit, needle):
+    run = make_run(tmp_path / "run")
+    damaged = edit(run)
+    argv = ["report-artifacts", "--runs", str(run), "--tables-dir", str(tmp_path / "t")]
+    assert main([*argv, "--plots-dir", str(tmp_path / "p")]) == 2
+    err = one_line_error(capsys)
+    assert str(damaged) in err and needle in err, err
+
+
+def test_well_formed_records_still_pass(tmp_path, capsys):
+    """The table's base run (non-finite diagnostics as strings, a task without images) is accepted."""
+    run = make_run(tmp_path / "run")
+    assert main(["metrics", "--run-dir", str(run)]) == 0
+    assert json.loads((run / "metrics.json").read_text())["complete"] is True
+    # A task whose held-out split is empty has no accuracy (null), as dmnsp.evaluate writes it.
+    row = {**_eval(1), "accuracy_per_task": [0.5, None], "n_samples_per_task": [20, 0], "n_samples": 20}
+    row.update(predictions_per_class=[2] * 10, labels_per_class=[2] * 10)
+    from dmnsp import records
+
+    assert records.check_eval(row, 1) is row
