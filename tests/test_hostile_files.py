@@ -524,3 +524,79 @@ def test_well_formed_records_still_pass(tmp_path, capsys):
     from dmnsp import records
 
     assert records.check_eval(row, 1) is row
+
+
+# ======================================================================== pretraining output
+class _FillsUp:
+    """A file that takes ``room`` bytes, then fails with ENOSPC, as a real full disk does partway
+    through a write (torch.save's zip writer then raises a RuntimeError about its position)."""
+
+    def __init__(self, fh, room: int) -> None:
+        self.fh, self.room = fh, room
+
+    def write(self, data) -> int:
+        import errno
+        import os
+
+        self.room -= len(data)
+        if self.room < 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return self.fh.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.fh, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.fh.close()
+
+
+@pytest.fixture(scope="module")
+def pretrain_config(tmp_path_factory) -> Path:
+    import yaml
+    from fakes import make_fake_imagefolder
+
+    root = tmp_path_factory.mktemp("pretrain")
+    images = make_fake_imagefolder(
+        root / "images", classes=["cat", "dog", "fox", "owl"], n_train=6, n_test=4, size=28
+    )
+    cfg = {
+        "dataset": "imagefolder",
+        "dataset_root": str(images),
+        "model_name": "dmnsp-tiny",
+        "pretrained": None,
+        "pretrain_per_class": 4,
+        "pretrain": {"steps": 2, "batch_size": 8, "warmup_steps": 0, "accept_weak": True},
+        "device": "cpu",
+        "num_workers": 0,
+        "eval_batch_size": 64,
+        "threads": 1,
+    }
+    (root / "pre.yaml").write_text(yaml.safe_dump(cfg))
+    return root / "pre.yaml"
+
+
+@pytest.mark.parametrize("victim", ["model.pt", "model.json"])
+def test_disk_full_while_pretraining_saves_is_one_line_and_leaves_no_partial_file(
+    pretrain_config, tmp_path, monkeypatch, capsys, victim
+):
+    import dmnsp.io as dio
+
+    out = tmp_path / "m" / "model.pt"
+    real = dio.os.fdopen
+
+    def fdopen_for(fd, mode):
+        import os
+
+        target = os.readlink(f"/proc/self/fd/{fd}")
+        fh = real(fd, mode)
+        return _FillsUp(fh, 256) if f".{victim}." in Path(target).name else fh
+
+    monkeypatch.setattr(dio.os, "fdopen", fdopen_for)
+    argv = ["pretrain", "--config", str(pretrain_config), "--out", str(out), "--quiet"]
+    assert main(argv) == 2
+    err = one_line_error(capsys)
+    assert "No space left on device" in err and victim in err and "free disk space" in err
+    assert sorted(p.name for p in out.parent.iterdir()) == []  # no partial file, no model without summary
