@@ -33,6 +33,8 @@ def _atomic(path: str | Path, write: Callable[[Any], None], mode: str) -> Path:
         os.replace(tmp, path)
     except OSError as exc:
         Path(tmp).unlink(missing_ok=True)
+        if exc.errno is None:  # not the system's: e.g. gzip.BadGzipFile while reading the source
+            raise
         raise OutputError(
             exc.errno,
             f"writing {path} failed ({exc.strerror}); free disk space or choose another output path",

@@ -600,3 +600,246 @@ def test_disk_full_while_pretraining_saves_is_one_line_and_leaves_no_partial_fil
     err = one_line_error(capsys)
     assert "No space left on device" in err and victim in err and "free disk space" in err
     assert sorted(p.name for p in out.parent.iterdir()) == []  # no partial file, no model without summary
+
+
+# ======================================================================== datasets
+def _png_header_only(path: Path, width: int, height: int) -> None:
+    """A PNG whose header claims width x height pixels (a decompression bomb as PIL sees it at open)."""
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    idat = zlib.compress(b"\0" * (width + 1))  # one row; PIL refuses before decoding any
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+
+
+def _empty(path: Path) -> None:
+    path.write_bytes(b"")
+
+
+def _text_file(path: Path) -> None:
+    path.write_text("not an image")
+
+
+def _truncated(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+
+
+def _bomb(path: Path) -> None:  # 20000 x 20000: over twice PIL's limit (DecompressionBombError)
+    _png_header_only(path, 20_000, 20_000)
+
+
+def _bomb_warning(path: Path) -> None:  # 10000 x 10000: over the limit, under twice it (PIL only warns)
+    _png_header_only(path, 10_000, 10_000)
+
+
+def _fifo_image(path: Path) -> None:
+    import os
+
+    path.unlink()
+    os.mkfifo(path)
+
+
+@pytest.fixture
+def image_run(tmp_path):
+    """An image folder dataset (4 classes of 28 px PNGs) and a mini run config over it."""
+    import yaml
+    from fakes import MINI_RUN, make_fake_imagefolder
+
+    root = make_fake_imagefolder(
+        tmp_path / "images", classes=["cat", "dog", "fox", "owl"], n_train=4, n_test=2, size=28
+    )
+    config = tmp_path / "run.yaml"
+    changes = {"dataset": "imagefolder", "dataset_root": str(root), "initial_increment": 2, "increment": 2}
+    config.write_text(yaml.safe_dump({**MINI_RUN, **changes}))
+    return root, config
+
+
+@pytest.mark.parametrize(
+    ("damage", "needle"),
+    [
+        (_empty, "empty or not an image PIL can identify"),
+        (_text_file, "empty or not an image PIL can identify"),
+        (_truncated, "image file is truncated"),
+        (_bomb, "a decompression bomb"),
+        (_bomb_warning, "a decompression bomb"),
+    ],
+)
+def test_damaged_images_are_one_line_naming_the_file(image_run, capsys, damage, needle):
+    root, config = image_run
+    victim = root / "train" / "dog" / "1.png"
+    damage(victim)
+    assert main(["run", "--quiet", "--config", str(config)]) == 2
+    err = one_line_error(capsys)
+    assert f"image {victim} cannot be read (" in err and needle in err and "replace the file" in err
+
+
+def test_a_damaged_image_found_in_a_dataloader_worker_is_still_one_line(image_run, capsys):
+    """With num_workers > 0 torch re-raises the worker's exception with its whole traceback in the
+    message; the error keeps only the original line."""
+    root, config = image_run
+    victim = root / "test" / "owl" / "0.png"
+    _truncated(victim)  # found at the last evaluation, after training
+    argv = ["run", "--quiet", "--config", str(config), "--set", "num_workers=1"]
+    assert main(argv) == 2
+    err = one_line_error(capsys)
+    assert f"image {victim} cannot be read (image file is truncated)" in err and "Original" not in err
+
+
+def test_symlink_loops_and_fifos_in_a_class_folder_never_hang(image_run):
+    """Self-links (a -> ., b -> .) used to make the listing walk 2^40 paths; a FIFO named .png would
+    block the reader. Linked folders are not followed, linked files are kept, FIFOs are no images."""
+    import os
+
+    from dmnsp.datasets import load_dataset
+
+    root, _ = image_run
+    cat = root / "train" / "cat"
+    os.symlink(".", cat / "a")
+    os.symlink(".", cat / "b")
+    os.symlink(root / "train", cat / "up")  # around the tree
+    os.symlink("/", cat / "out")  # out of it
+    os.symlink(root / "train" / "dog" / "0.png", cat / "linked.png")  # a linked image file: kept
+    os.mkfifo(cat / "fifo.png")
+    start = time.perf_counter()
+    data = load_dataset("imagefolder", root)
+    assert time.perf_counter() - start < 10
+    cats = [path for path, label in data.train.samples if label == data.class_names.index("cat")]
+    assert sorted(Path(p).name for p in cats) == ["0.png", "1.png", "2.png", "3.png", "linked.png"]
+    assert data.train[0][0].size == (28, 28)
+
+
+def test_image_listing_keeps_torchvision_order(image_run):
+    """The listing that replaced torchvision's (which follows links) gives the same samples in the
+    same order on an ordinary tree, so data order and results do not change."""
+    from torchvision.datasets import ImageFolder
+
+    from dmnsp.datasets import load_dataset
+
+    root, _ = image_run
+    (root / "train" / "cat" / "sub").mkdir()
+    (root / "train" / "cat" / "sub" / "9.png").write_bytes((root / "train" / "cat" / "0.png").read_bytes())
+    (root / "train" / "cat" / "Z.png").write_bytes((root / "train" / "cat" / "0.png").read_bytes())
+    assert load_dataset("imagefolder", root).train.samples == ImageFolder(str(root / "train")).samples
+
+
+@pytest.fixture
+def fmnist_copy(tmp_path, monkeypatch):
+    """A Fashion-MNIST root whose raw idx files are decompressed, with the Debian source out of reach
+    (a user's own copy: nothing repairs it)."""
+    from dmnsp import datasets
+
+    if not datasets.FASHION_MNIST_DEBIAN_DIR.is_dir():
+        pytest.skip("Debian's dataset-fashion-mnist is not installed")
+    raw = datasets.prepare_fashion_mnist(tmp_path / "data")
+    monkeypatch.setattr(datasets, "FASHION_MNIST_DEBIAN_DIR", tmp_path / "no-debian")
+    return tmp_path / "data", raw
+
+
+@pytest.mark.parametrize(
+    ("name", "damage", "needle"),
+    [
+        ("train-images-idx3-ubyte", _empty, "holds 0 bytes, fewer than an idx header"),
+        ("t10k-labels-idx1-ubyte", _empty, "holds 0 bytes, fewer than an idx header"),
+        ("train-images-idx3-ubyte", _truncated, "its header promises 47040016 (truncated or padded)"),
+        (
+            "t10k-labels-idx1-ubyte",
+            lambda p: p.write_bytes(b"\0\0\x08\x03" + p.read_bytes()[4:]),
+            "magic number",
+        ),
+        ("train-labels-idx1-ubyte", _fifo_image, "it is not a regular file"),
+    ],
+)
+def test_a_damaged_fashion_mnist_file_is_one_line(fmnist_copy, capsys, name, damage, needle):
+    import yaml
+    from fakes import MINI_RUN
+
+    root, raw = fmnist_copy
+    damage(raw / name)
+    config = root.parent / "run.yaml"
+    config.write_text(yaml.safe_dump({**MINI_RUN, "dataset_root": str(root)}))
+    assert main(["run", "--quiet", "--config", str(config)]) == 2
+    err = one_line_error(capsys)
+    assert f"Fashion-MNIST file {raw / name} is damaged: " in err and needle in err and "delete it" in err
+
+
+def test_a_truncated_fashion_mnist_file_is_decompressed_again_from_debian(tmp_path):
+    from dmnsp import datasets
+
+    if not datasets.FASHION_MNIST_DEBIAN_DIR.is_dir():
+        pytest.skip("Debian's dataset-fashion-mnist is not installed")
+    raw = datasets.prepare_fashion_mnist(tmp_path)
+    whole = (raw / "train-labels-idx1-ubyte").read_bytes()
+    (raw / "train-labels-idx1-ubyte").write_bytes(whole[:100])
+    assert len(datasets.load_dataset("fashion-mnist", tmp_path).train_targets) == 60_000
+    assert (raw / "train-labels-idx1-ubyte").read_bytes() == whole
+
+
+@pytest.mark.parametrize(
+    ("damage", "needle"),
+    [
+        (_empty, "too short to be a gzip file"),
+        (_truncated, "Compressed file ended before the end-of-stream marker"),
+        (lambda p: p.write_text("plain text, long enough to look like a gzip file\n"), "Not a gzipped file"),
+        (lambda p: p.write_bytes(__import__("gzip").compress(b"\0\0\x08\x01" + b"\0" * 100)), "not one"),
+    ],
+)
+def test_a_damaged_debian_source_is_one_line(tmp_path, damage, needle):
+    import shutil
+
+    from dmnsp import datasets
+
+    if not datasets.FASHION_MNIST_DEBIAN_DIR.is_dir():
+        pytest.skip("Debian's dataset-fashion-mnist is not installed")
+    source = tmp_path / "src"
+    shutil.copytree(datasets.FASHION_MNIST_DEBIAN_DIR, source)
+    damage(source / "t10k-labels-idx1-ubyte.gz")
+    with pytest.raises(datasets.DataError) as info:
+        datasets.prepare_fashion_mnist(tmp_path / "data", source)
+    message = str(info.value)
+    assert "\n" not in message and "t10k-labels-idx1-ubyte.gz is damaged" in message and needle in message
+    assert "reinstall" in message
+    assert not (tmp_path / "data" / "FashionMNIST" / "raw" / "t10k-labels-idx1-ubyte").exists()
+
+
+@pytest.mark.parametrize(
+    ("damage", "needle"),
+    [
+        (_truncated, "is damaged"),
+        (_empty, "is damaged (EOFError"),
+        (lambda p: p.write_bytes(b"\x80\x02]q\x00."), "is damaged (TypeError"),  # a list, not CIFAR's dict
+        (_fifo_image, "is not a regular file"),
+    ],
+)
+def test_a_damaged_cifar100_pickle_is_one_line(tmp_path, monkeypatch, damage, needle):
+    """Behind torchvision's md5 check (bypassed here, as the fake copy's sums differ): a pickle that
+    does not load to CIFAR's arrays, and a FIFO that the md5 check itself would block on."""
+    import os
+
+    import torchvision
+    from fakes import make_fake_cifar100
+
+    from dmnsp.datasets import DataError, load_dataset
+
+    monkeypatch.setattr(
+        torchvision.datasets.cifar, "check_integrity", lambda path, md5=None: os.path.isfile(path)
+    )
+    root = make_fake_cifar100(tmp_path)
+    damage(root / "cifar-100-python" / "train")
+    with pytest.raises(DataError) as info:
+        load_dataset("cifar100", root)
+    assert "\n" not in str(info.value) and needle in str(info.value)
+
+
+def test_tinyimagenet_lists_that_are_not_text_are_one_line(tmp_path):
+    from fakes import make_fake_tinyimagenet
+
+    from dmnsp.datasets import DataError, load_dataset
+
+    root = make_fake_tinyimagenet(tmp_path, n_classes=3)
+    (root / "tiny-imagenet-200" / "wnids.txt").write_bytes(b"\xff\xfe n01443537\n")
+    with pytest.raises(DataError, match="wnids.txt cannot be read .*not UTF-8") as info:
+        load_dataset("tinyimagenet", root)
+    assert "\n" not in str(info.value)
