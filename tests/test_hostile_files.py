@@ -843,3 +843,39 @@ def test_tinyimagenet_lists_that_are_not_text_are_one_line(tmp_path):
     with pytest.raises(DataError, match="wnids.txt cannot be read .*not UTF-8") as info:
         load_dataset("tinyimagenet", root)
     assert "\n" not in str(info.value)
+
+
+# ======================================================================== model names
+@pytest.mark.parametrize(
+    "name",
+    [
+        "../../../../../../../{tmp}/evil",  # used to read tmp/evil.json as the architecture
+        "{tmp}/evil",
+        "{tmp}/evil.json",
+        "evil",
+        "hf-hub:someone/evil",
+        "ViT-B-16/../../evil",
+        "..",
+        "dmnsp-tiny\n",
+        "",
+    ],
+)
+def test_model_name_is_a_registered_name_never_a_path(tmp_path, capsys, name):
+    import yaml
+
+    (tmp_path / "evil.json").write_text(json.dumps({"vision_cfg": {"width": 8, "layers": 2}}))
+    name = name.format(tmp=str(tmp_path).lstrip("/") if name.startswith("..") else tmp_path)
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"dataset": "fashion-mnist", "model_name": name}))
+    assert main(["validate-config", "--config", str(config)]) == 2
+    err = one_line_error(capsys)
+    assert f"unknown model_name {name!r}" in err and "adapter_dim" not in err and "never a path" in err
+
+
+def test_registered_model_names_pass(make_config):
+    from dmnsp.config import architecture_names, tower_widths
+    from dmnsp.model import list_models
+
+    assert set(list_models()) >= set(architecture_names()) >= {"ViT-B-16", "dmnsp-tiny", "RN50"}
+    assert tower_widths("dmnsp-tiny") == {"visual": 64, "text": 64}
+    assert make_config(model_name="dmnsp-tiny")["model_name"] == "dmnsp-tiny"
