@@ -879,3 +879,70 @@ def test_registered_model_names_pass(make_config):
     assert set(list_models()) >= set(architecture_names()) >= {"ViT-B-16", "dmnsp-tiny", "RN50"}
     assert tower_widths("dmnsp-tiny") == {"visual": 64, "text": 64}
     assert make_config(model_name="dmnsp-tiny")["model_name"] == "dmnsp-tiny"
+
+
+# ======================================================================== plot labels
+HOSTILE_LABELS = ["$\\frac{}$ \\alpha", "cost $5 and $6, a}{b %s {0} $x^ $$ _^\\"]
+
+
+def test_hostile_labels_are_drawn_as_plain_text_in_every_figure(tmp_path, capsys, monkeypatch):
+    """Labels and swept prompts are users' text: a TeX macro in one used to crash the results stage
+    in matplotlib's mathtext (no figure, and under Snakemake no table either)."""
+    from matplotlib.text import Text
+
+    from dmnsp import plots
+
+    runs = []
+    for i, (label, ratio, scale) in enumerate(
+        [
+            (HOSTILE_LABELS[0], 0.1, 10),
+            (HOSTILE_LABELS[0], 0.2, 20),
+            (HOSTILE_LABELS[1], 0.1, 10),
+        ]
+    ):
+        run = make_run(tmp_path / f"run{i}", label=label, TOP_K_RATIO=ratio, LAMBDA_SCALE=scale)
+        info = json.loads((run / "run.json").read_text())
+        info["settings"] = {"prompt_template": label + " {}", "TOP_K_RATIO": ratio, "LAMBDA_SCALE": scale}
+        (run / "run.json").write_text(json.dumps(info))
+        runs.append(str(run))
+    drawn: list[str] = []
+
+    def save(fig, out_dir, stem):
+        for text in fig.findobj(Text):
+            assert not text.get_parse_math() and not text.get_usetex(), text.get_text()
+            drawn.append(text.get_text())
+        fig.canvas.draw()  # lays out every text (tick labels included) as savefig would
+        return [stem]  # writing PNG and PDF is tested elsewhere and costs seconds per figure
+
+    monkeypatch.setattr(plots, "_save", save)
+    argv = ["report-artifacts", "--runs", *runs, "--tables-dir", str(tmp_path / "t"), "--plots-dir"]
+    assert main([*argv, str(tmp_path / "p")]) == 0
+    err = capsys.readouterr().err
+    assert "not drawn" not in err, err
+    for label in HOSTILE_LABELS:
+        assert any(label in text for text in drawn), label  # the legend shows the label as written
+    assert "summary.md" in {p.name for p in (tmp_path / "t").iterdir()}
+    import matplotlib
+
+    assert matplotlib.rcParams["text.parse_math"] is True  # restored after drawing
+
+
+def test_a_figure_that_cannot_be_drawn_costs_no_table(tmp_path, capsys, monkeypatch):
+    from dmnsp import plots
+
+    def broken(*args, **kwargs):
+        raise ValueError("matplotlib could not lay this out\nsecond line")
+
+    monkeypatch.setattr(plots, "plot_accuracy_matrices", broken)
+    for other in ("plot_hyperparameters", "plot_diagnostics"):  # fast: drawn in other tests
+        monkeypatch.setattr(plots, other, lambda *args, **kwargs: [])
+    run = make_run(tmp_path / "run")
+    argv = ["report-artifacts", "--runs", str(run), "--tables-dir", str(tmp_path / "t"), "--plots-dir"]
+    assert main([*argv, str(tmp_path / "p")]) == 0
+    err = capsys.readouterr().err
+    assert "warning: the accuracy_matrices figures were not drawn (ValueError: matplotlib could not" in err
+    assert "second line" not in err
+    assert {"summary.md", "summary.csv", "summary.tex", "runs.csv"} <= {
+        p.name for p in (tmp_path / "t").iterdir()
+    }
+    assert any(p.name.startswith("accuracy_curves") for p in (tmp_path / "p").iterdir())
