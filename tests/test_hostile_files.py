@@ -201,8 +201,9 @@ def test_basis_widths_are_checked_against_the_model_and_the_method(task0, tmp_pa
     crafted = _altered(tmp_path, config, checkpoint, alter)
     err = _resume_fails(config, crafted, tmp_path, capsys, needle)
     assert "does not fit dmnsp-tiny" in err and "delete it and rerun task 0" in err
-    assert main(["evaluate", "--quiet", "--config", str(config), "--checkpoint", str(crafted)]) == 2
-    assert needle in one_line_error(capsys)
+    if alter is _nan_basis:  # `dmnsp evaluate` checks the same way (once is enough: a model build each)
+        assert main(["evaluate", "--quiet", "--config", str(config), "--checkpoint", str(crafted)]) == 2
+        assert needle in one_line_error(capsys)
 
 
 @pytest.mark.parametrize(
@@ -725,15 +726,25 @@ def test_image_listing_keeps_torchvision_order(image_run):
     assert load_dataset("imagefolder", root).train.samples == ImageFolder(str(root / "train")).samples
 
 
-@pytest.fixture
-def fmnist_copy(tmp_path, monkeypatch):
-    """A Fashion-MNIST root whose raw idx files are decompressed, with the Debian source out of reach
-    (a user's own copy: nothing repairs it)."""
+@pytest.fixture(scope="module")
+def fmnist_raw(tmp_path_factory) -> Path:
     from dmnsp import datasets
 
     if not datasets.FASHION_MNIST_DEBIAN_DIR.is_dir():
         pytest.skip("Debian's dataset-fashion-mnist is not installed")
-    raw = datasets.prepare_fashion_mnist(tmp_path / "data")
+    return datasets.prepare_fashion_mnist(tmp_path_factory.mktemp("fmnist"))
+
+
+@pytest.fixture
+def fmnist_copy(fmnist_raw, tmp_path, monkeypatch):
+    """A copy of decompressed Fashion-MNIST idx files, with the Debian source out of reach (a
+    user's own copy: nothing repairs it)."""
+    import shutil
+
+    from dmnsp import datasets
+
+    raw = tmp_path / "data" / "FashionMNIST" / "raw"
+    shutil.copytree(fmnist_raw, raw)
     monkeypatch.setattr(datasets, "FASHION_MNIST_DEBIAN_DIR", tmp_path / "no-debian")
     return tmp_path / "data", raw
 
