@@ -957,3 +957,33 @@ def test_a_figure_that_cannot_be_drawn_costs_no_table(tmp_path, capsys, monkeypa
         p.name for p in (tmp_path / "t").iterdir()
     }
     assert any(p.name.startswith("accuracy_curves") for p in (tmp_path / "p").iterdir())
+
+
+@pytest.fixture(scope="module")
+def pretrained_model(pretrain_config, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("pretrained") / "model.pt"
+    assert main(["pretrain", "--config", str(pretrain_config), "--out", str(out), "--quiet"]) == 0
+    return out
+
+
+@pytest.mark.parametrize(
+    ("damage", "needle"),
+    [
+        (_truncated, "could not load weights"),
+        (_empty, "could not load weights"),
+        (_text_file, "could not load weights"),
+        (_fifo_image, "is not a regular file"),
+    ],
+)
+def test_damaged_pretraining_output_is_one_line(
+    pretrain_config, pretrained_model, tmp_path, capsys, damage, needle
+):
+    import shutil
+
+    weights = tmp_path / "model.pt"
+    shutil.copy(pretrained_model, weights)
+    damage(weights)
+    argv = ["run", "--quiet", "--config", str(pretrain_config), "--set", f"pretrained={weights}"]
+    assert main(argv) == 2
+    err = one_line_error(capsys)
+    assert str(weights) in err and needle in err
