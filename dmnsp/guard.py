@@ -180,10 +180,7 @@ def check_task_dir(out_dir: str | Path, task: int, resume: str | Path | None) ->
         )
     evaluation = out / layout.EVAL
     if evaluation.is_file():
-        try:
-            done = layout.read_eval_record(evaluation).get("task")
-        except (OSError, ValueError):  # ConfigError is a ValueError: a damaged record is no task's
-            done = None
+        done = layout.eval_record_task(evaluation)
         if done != task:
             raise ConfigError(
                 f"--out-dir {out_dir} holds the results of task {done} ({evaluation}); task {task} "

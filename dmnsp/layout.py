@@ -139,9 +139,14 @@ def _read_record(path: Path, check, task: int | None = None) -> dict:
         raise ConfigError(f"{path} is not a dmnsp task record: {exc}; {fix}") from None
 
 
-def read_eval_record(path: str | Path, task: int | None = None) -> dict:
-    """One ``eval.json`` (of task ``task`` when given), checked (:func:`dmnsp.records.check_eval`)."""
-    return _read_record(Path(path), records.check_eval, task)
+def eval_record_task(path: str | Path) -> Any:
+    """The ``task`` an ``eval.json`` claims (read bounded; None when unreadable or absent), for the
+    guards that ask whose results a folder holds before writing into it."""
+    try:
+        record = _read_json(Path(path), "")
+    except ConfigError:
+        return None
+    return record.get("task") if isinstance(record, dict) else None
 
 
 def read_eval_rows(run: str | Path) -> list[dict]:
