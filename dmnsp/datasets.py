@@ -220,7 +220,18 @@ def load_dataset(name: str, root: str | Path, download: bool = False) -> Dataset
     """
     if name not in _LOADERS:
         raise ConfigError(f"unknown dataset {name!r}; choose one of {', '.join(list_datasets())}")
-    return _LOADERS[name](Path(root).expanduser(), download)
+    return _LOADERS[name](dataset_folder(root), download)
+
+
+def dataset_folder(root: str | Path) -> Path:
+    """``root`` with ``~`` / ``~user`` expanded; an unknown user is a :class:`DataError` naming it."""
+    try:
+        return Path(root).expanduser()
+    except RuntimeError:  # pathlib: "Could not determine home directory."
+        user = str(root).split("/", 1)[0]
+        raise DataError(
+            f"dataset_root {str(root)!r}: {user} names no user's home folder here; write the folder's full path"
+        ) from None
 
 
 def _targets(values: Any) -> np.ndarray:
@@ -461,7 +472,7 @@ def prepare_fashion_mnist(root: str | Path, source: str | Path = FASHION_MNIST_D
     the raw folder.
     """
     source = Path(source)
-    raw = Path(root).expanduser() / "FashionMNIST" / "raw"
+    raw = dataset_folder(root) / "FashionMNIST" / "raw"
     missing = [f"{n}.gz" for n in _FASHION_MNIST_FILES if not (source / f"{n}.gz").is_file()]
     if missing:
         raise DataError(
@@ -554,7 +565,7 @@ def _imagefolder_layout(root: Path) -> str:
 def imagefolder_classes(root: str | Path) -> list[str]:
     """Class names of an image folder dataset: the folders under ``<root>/train``, sorted as
     torchvision's ImageFolder sorts them (the labels follow this order). Reads no image."""
-    folder = Path(root).expanduser() / "train"
+    folder = dataset_folder(root) / "train"
     if not folder.is_dir():
         raise DataError(f"image folder dataset: no folder {folder}; {_imagefolder_layout(Path(root))}")
     try:

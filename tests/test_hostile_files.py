@@ -987,3 +987,13 @@ def test_damaged_pretraining_output_is_one_line(
     assert main(argv) == 2
     err = one_line_error(capsys)
     assert str(weights) in err and needle in err
+
+
+def test_an_unknown_user_in_dataset_root_is_one_line(tmp_path, capsys):
+    import yaml
+    from fakes import MINI_RUN
+
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({**MINI_RUN, "dataset_root": "~nosuchuser-dmnsp/data"}))
+    assert main(["run", "--quiet", "--config", str(config)]) == 2
+    assert "'~nosuchuser-dmnsp/data': ~nosuchuser-dmnsp names no user's home folder" in one_line_error(capsys)
