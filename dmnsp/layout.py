@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import re
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -103,7 +103,7 @@ def task_dirs(run: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def _task_records(run: str | Path, name: str, check) -> list[dict]:
+def _task_records(run: str | Path, name: str, check: Callable[[Any, int], dict]) -> list[dict]:
     # exists(), not is_file(): a FIFO or folder in a record's place is refused in one line, not skipped.
     return [_read_record(folder / name, check, t) for t, folder in task_dirs(run) if (folder / name).exists()]
 
@@ -129,7 +129,7 @@ def _task_fix(path: Path) -> str:
     return f"delete {path.parent} and rerun that task (`snakemake` reruns it, or `dmnsp train-task`)"
 
 
-def _read_record(path: Path, check, task: int | None = None) -> dict:
+def _read_record(path: Path, check: Callable[[Any, int], dict], task: int) -> dict:
     """A task's JSON record, its content checked by ``check`` (:mod:`dmnsp.records`)."""
     fix = _task_fix(path)
     record = _read_json(path, fix)
