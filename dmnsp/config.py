@@ -25,7 +25,7 @@ import yaml
 from jsonschema import Draft202012Validator
 
 from . import methods
-from .bounded import BoundsError, check_tree, read_regular_text
+from .bounded import BoundsError, check_tree, loads_json, read_regular_text
 from .methods.dmnsp import MODE_DEFAULTS
 
 # Keys that say where things are or how fast to run, not what is computed: they may differ
@@ -313,7 +313,7 @@ def _resolve(cfg: dict) -> dict:
         check_template(f"pretrain.templates[{i}]", template)
     for key in PATH_KEYS:
         check_home(key, cfg[key])
-    _check_model_name(cfg["model_name"])
+    check_model_name(cfg["model_name"])
     if cfg["val_fraction"] == 0 and cfg["evaluate_on"] == "val":
         raise ConfigError("'evaluate_on': val needs val_fraction > 0")
     _check_widths(cfg)
@@ -338,19 +338,44 @@ def check_home(key: str, value: Any) -> None:
         )
 
 
-def _check_model_name(name: str) -> None:
-    """An architecture name, never a path: :func:`tower_widths` looks ``<name>.json`` up in config
-    folders, where ``../../x`` would read any JSON file on the machine as a model architecture."""
-    if "/" in name or "\\" in name or name.startswith(".") or not name.strip() or not name.isprintable():
-        hint = (
-            f" (open_clip writes {name.replace('/', '-')})"
-            if re.fullmatch(r"[A-Za-z]+-[A-Za-z]+/\d+", name)
-            else ""
+#: An architecture name: open_clip's (ViT-B-16, convnext_base_w, RN50x4, ...) and the package's
+#: own (dmnsp-tiny). Not a path: ``model_name`` never names a file to read.
+ARCHITECTURE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def architecture_folders() -> list[Path]:
+    """Where architecture JSON configs live: the package's own, then open_clip's (no import)."""
+    folders = [Path(str(resources.files("dmnsp").joinpath("model_configs")))]
+    spec = importlib.util.find_spec("open_clip")
+    if spec is not None and spec.submodule_search_locations:
+        folders += [Path(p) / "model_configs" for p in spec.submodule_search_locations]
+    return folders
+
+
+@cache
+def architecture_names() -> tuple[str, ...]:
+    """Every architecture name with a JSON config in :func:`architecture_folders` (what open_clip's
+    ``list_models`` gives, with the package's own), sorted."""
+    return tuple(
+        sorted(
+            {p.stem for folder in architecture_folders() if folder.is_dir() for p in folder.glob("*.json")}
         )
-        raise ConfigError(
-            f"'model_name': unknown model_name {_short(repr(name), 80)}{hint}; an architecture name holds no path "
-            "parts (python -m dmnsp list-models lists them)"
-        )
+    )
+
+
+def check_model_name(model_name: str) -> None:
+    """``model_name`` is a known architecture name: never a path (``../x`` would read any ``x.json``
+    on the machine as the architecture), never a name without a config."""
+    known = architecture_names()
+    if isinstance(model_name, str) and ARCHITECTURE_NAME.match(model_name) and model_name in known:
+        return
+    close = difflib.get_close_matches(str(model_name), known, n=3)
+    raise ConfigError(
+        f"unknown model_name {model_name!r}"
+        + (f"; did you mean {', '.join(close)}?" if close else "")
+        + " (`python -m dmnsp list-models` lists all: give a name, never a path; note open_clip writes "
+        "ViT-B-16, not ViT-B/16)"
+    )
 
 
 @cache
@@ -358,20 +383,25 @@ def tower_widths(model_name: str) -> dict[str, int]:
     """Residual-stream widths of an open_clip architecture's towers (``{"visual": 768, "text": 512}``),
     read from its JSON config (the package's own or open_clip's) without importing or building
     anything; empty when the architecture is not found that way or gives no width."""
-    folders = [Path(str(resources.files("dmnsp").joinpath("model_configs")))]
-    spec = importlib.util.find_spec("open_clip")
-    if spec is not None and spec.submodule_search_locations:
-        folders += [Path(p) / "model_configs" for p in spec.submodule_search_locations]
-    for folder in folders:
+    check_model_name(model_name)
+    for folder in architecture_folders():
         path = folder / f"{model_name}.json"
         if path.is_file():
-            arch = json.loads(path.read_text())
-            cfgs = {"visual": arch.get("vision_cfg") or {}, "text": arch.get("text_cfg") or {}}
+            try:
+                arch = loads_json(read_regular_text(path, "architecture config", 2**20), str(path))
+            except (OSError, ValueError) as exc:  # BoundsError and JSONDecodeError are ValueErrors
+                raise ConfigError(
+                    f"architecture config {path} of {model_name} is damaged ({exc}); reinstall the package "
+                    "that holds it"
+                ) from None
+            if not isinstance(arch, dict):
+                return {}
+            cfgs = {"visual": arch.get("vision_cfg"), "text": arch.get("text_cfg")}
             # Only transformer towers (an int layer count; ResNets list stages) carry adapters.
             return {
                 tower: int(c["width"])
                 for tower, c in cfgs.items()
-                if isinstance(c.get("width"), int) and isinstance(c.get("layers"), int)
+                if isinstance(c, dict) and type(c.get("width")) is int and type(c.get("layers")) is int
             }
     return {}
 

@@ -311,7 +311,7 @@ def check_task_dir(out_dir: str | Path, task: int, resume: str | Path | None, cf
     evaluation = out / layout.EVAL
     if not evaluation.is_file():
         return
-    record = _task_record(evaluation)
+    record = layout.eval_record_claims(evaluation)
     done = record.get("task")
     if done != task:
         raise ConfigError(
@@ -324,16 +324,6 @@ def check_task_dir(out_dir: str | Path, task: int, resume: str | Path | None, cf
             f"{out} holds the finished task {task} of {other}; train this config in another run folder, "
             f"or delete {out} to replace that task by this config's"
         )
-
-
-def _task_record(evaluation: Path) -> dict:
-    from .bounded import loads_json, read_regular_text
-
-    try:
-        record = loads_json(read_regular_text(evaluation, "eval record"), f"eval record {evaluation}")
-    except (OSError, ValueError):
-        return {}
-    return record if isinstance(record, dict) else {}
 
 
 def _other_task_config(out: Path, record: dict, task: int, cfg: dict) -> str | None:

@@ -20,14 +20,14 @@ imports no torch (the workflow reads it at parse time).
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import __version__
+from . import __version__, records
+from .bounded import BoundsError, loads_json, read_regular_text
 from .config import ConfigError, config_hash, dump_config, read_yaml_file
 from .io import atomic_write_json, atomic_write_text, json_safe
 from .metrics import accuracy_matrix_frame, metrics_from_rows
@@ -111,30 +111,71 @@ def task_dirs(run: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def _task_records(run: str | Path, name: str) -> list[dict]:
-    return [_read_record(folder / name) for _, folder in task_dirs(run) if (folder / name).is_file()]
+def _task_records(run: str | Path, name: str, check: Callable[[Any, int], dict]) -> list[dict]:
+    # exists(), not is_file(): a FIFO or folder in a record's place is refused in one line, not skipped.
+    return [_read_record(folder / name, check, t) for t, folder in task_dirs(run) if (folder / name).exists()]
 
 
-def _read_record(path: Path) -> dict:
-    """A task's JSON record; a damaged one is a user error naming the file and the fix."""
-    fix = f"delete {path.parent} and rerun that task (`snakemake` reruns it, or `dmnsp train-task`)"
+def _read_json(path: Path, fix: str) -> Any:
+    """A JSON record dmnsp wrote: bounded (a regular file, size, depth), strict JSON (no NaN literal:
+    dmnsp writes non-finite values as strings); a damaged one is a user error naming the file and the fix."""
     try:
-        record = json.loads(path.read_text(encoding="utf-8"))
+        return loads_json(read_regular_text(path, "record"), f"record {path}", allow_nan=False)
+    except BoundsError as exc:  # "record PATH is a folder; give ...": the reason, then our fix
+        reason = str(exc).removeprefix(f"record {path} ").rsplit("; ", 1)[0]
+        raise ConfigError(f"{path} is damaged or unreadable ({reason}); {fix}") from None
     except (OSError, ValueError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        raise ConfigError(f"{path} is damaged or unreadable ({exc}); {fix}") from None
-    if not isinstance(record, dict) or not isinstance(record.get("task"), int):
-        raise ConfigError(f"{path} is not a dmnsp task record (no integer 'task'); {fix}")
-    return record
+        raise ConfigError(f"{path} is damaged or unreadable ({_first_line(exc)}); {fix}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _task_fix(path: Path) -> str:
+    return f"delete {path.parent} and rerun that task (`snakemake` reruns it, or `dmnsp train-task`)"
+
+
+def _read_record(path: Path, check: Callable[[Any, int], dict], task: int) -> dict:
+    """A task's JSON record, its content checked by ``check`` (:mod:`dmnsp.records`)."""
+    fix = _task_fix(path)
+    record = _read_json(path, fix)
+    try:
+        return check(record, task)
+    except records.RecordProblem as exc:
+        raise ConfigError(f"{path} is not a dmnsp task record: {exc}; {fix}") from None
+
+
+def eval_record_claims(path: str | Path) -> dict:
+    """What an ``eval.json`` claims, unchecked (read bounded; empty when unreadable or absent), for
+    the guards that ask whose results a folder holds (``task``, ``config_hash``) before writing into it."""
+    try:
+        record = _read_json(Path(path), "")
+    except ConfigError:
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 def read_eval_rows(run: str | Path) -> list[dict]:
-    """All ``task*/eval.json`` records of a run folder, ordered by task (empty when none)."""
-    return _task_records(run, EVAL)
+    """All ``task*/eval.json`` records of a run folder, ordered by task (empty when none), each
+    checked (:func:`dmnsp.records.check_eval`) and agreeing on the number of tasks."""
+    rows = _task_records(run, EVAL, records.check_eval)
+    if len({row["n_tasks"] for row in rows}) > 1:
+        first = rows[0]
+        other = next(row for row in rows if row["n_tasks"] != first["n_tasks"])
+        paths = [task_file(run, row["task"], EVAL) for row in (first, other)]
+        raise ConfigError(
+            f"{paths[1]} says the run has {other['n_tasks']} tasks, {paths[0]} says {first['n_tasks']}: "
+            f"they come from different runs; {_task_fix(Path(paths[1]))}"
+        )
+    return rows
 
 
 def read_diagnostics(run: str | Path) -> list[dict]:
-    """All ``task*/diagnostics.json`` records of a run folder, ordered by task (empty when none)."""
-    return _task_records(run, DIAGNOSTICS)
+    """All ``task*/diagnostics.json`` records of a run folder, ordered by task (empty when none),
+    each checked (:func:`dmnsp.records.check_diagnostics`)."""
+    return _task_records(run, DIAGNOSTICS, records.check_diagnostics)
 
 
 def has_results(run: str | Path) -> bool:
@@ -149,12 +190,13 @@ def read_run_config(run: str | Path) -> dict:
     if not path.is_file():
         return {}
     config = read_yaml_file(path, "run config") or {}
-    if not isinstance(config, dict):
+    try:
+        return records.check_run_config(config)
+    except records.RecordProblem as exc:
         raise ConfigError(
-            f"run config {path} is not a mapping of run keys; delete it and rewrite it "
+            f"run config {path} is not a dmnsp run config: {exc}; delete it and rewrite it "
             f"(`dmnsp prepare-run`, or `snakemake` reruns prepare_run for {run})"
-        )
-    return config
+        ) from None
 
 
 def read_run_info(run: str | Path) -> dict | None:
@@ -164,12 +206,9 @@ def read_run_info(run: str | Path) -> dict | None:
         return None
     fix = f"delete it and rewrite it (`dmnsp prepare-run`, or `snakemake` reruns prepare_run for {run})"
     try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        raise ConfigError(f"{path} is damaged or unreadable ({exc}); {fix}") from None
-    if not isinstance(info, dict):
-        raise ConfigError(f"{path} is not a dmnsp run record (not a JSON object); {fix}")
-    return info
+        return records.check_run_info(_read_json(path, fix))
+    except records.RecordProblem as exc:
+        raise ConfigError(f"{path} is not a dmnsp run record: {exc}; {fix}") from None
 
 
 def run_results(run: str | Path) -> list[Path]:
@@ -214,7 +253,14 @@ def clear_run(run: str | Path) -> list[Path]:
 
 def run_metrics(run: str | Path) -> dict[str, Any]:
     """Metrics of one run folder (:func:`dmnsp.metrics.metrics_from_rows` of its task files)."""
-    return metrics_from_rows(read_eval_rows(run), read_diagnostics(run))
+    rows, diagnostics = read_eval_rows(run), read_diagnostics(run)
+    try:
+        return metrics_from_rows(rows, diagnostics)
+    except ValueError as exc:  # records valid one by one that cannot be scored together
+        raise ConfigError(
+            f"the task records of {run} cannot be scored ({_first_line(exc)}); delete the task folders "
+            "named and rerun them"
+        ) from None
 
 
 # --------------------------------------------------------------------------- writers

@@ -114,9 +114,10 @@ def resolve_weights(model_name: str, pretrained: str | None, cache_dir: str | No
         return None
     looks_like_path = os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))
     if looks_like_path or os.path.exists(pretrained):
-        if not os.path.isfile(pretrained):
+        if not os.path.isfile(pretrained):  # a FIFO or folder is never opened (torch.load would block)
+            what = "is not a regular file" if os.path.exists(pretrained) else "does not exist"
             raise WeightsError(
-                f"pretrained weights file {pretrained} does not exist; give the path of a .pt/.bin/.safetensors "
+                f"pretrained weights file {pretrained} {what}; give the path of a .pt/.bin/.safetensors "
                 "checkpoint (for the tiny model run `python -m dmnsp pretrain` first)"
             )
         return pretrained
@@ -137,6 +138,15 @@ def resolve_weights(model_name: str, pretrained: str | None, cache_dir: str | No
         "cache_dir='WEIGHTS')\"` and copy WEIGHTS here, then set `cache_dir: WEIGHTS`; "
         "(2) set `pretrained:` to a local .pt/.bin/.safetensors file; (3) run where the internet is reachable."
     )
+
+
+def _load_problem(exc: Exception) -> str:
+    """One short line for why a weights file did not load (torch's own messages run to paragraphs,
+    and its advice to retry with ``weights_only=False`` would run a pickle's code)."""
+    text = (str(exc).strip().splitlines() or [""])[0].strip() or type(exc).__name__
+    if text.startswith("Weights only load failed"):
+        return "it is not a plain tensor checkpoint (torch's safe loader refused it)"
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 @dataclass
@@ -190,8 +200,8 @@ def create_clip(
     except Exception as exc:  # open_clip raises many types (unpickling, size mismatch, download)
         if weights and os.path.isfile(weights):
             raise WeightsError(
-                f"could not load weights {weights} into {model_name}: {exc}. The file is corrupt or was made "
-                "for another architecture; rebuild it (dmnsp pretrain) or point `pretrained` at the right file"
+                f"could not load weights {weights} into {model_name}: {_load_problem(exc)}. The file is corrupt or "
+                "was made for another architecture; rebuild it (dmnsp pretrain) or point `pretrained` at the right file"
             ) from exc
         raise WeightsError(f"could not build {model_name} with pretrained={pretrained!r}: {exc}") from exc
     model.logit_scale.requires_grad_(False)

@@ -210,7 +210,7 @@ def test_unreadable_files_are_named(tmp_path, monkeypatch):
                 raise PermissionError(13, "Permission denied", str(file))
             return real_open(file, *args, **kwargs)
 
-        monkeypatch.setattr(os, "open", deny)
+        monkeypatch.setattr(os, "open", deny)  # dmnsp.bounded opens by descriptor (O_NONBLOCK)
     else:
         path.chmod(0)
     with pytest.raises(ConfigError, match="cannot be read \\(Permission denied\\); check its permissions"):

@@ -127,6 +127,22 @@ class Method:
         in a resolved config (none by default)."""
         return []
 
+    @classmethod
+    def state_mismatch(
+        cls, cfg: Mapping[str, Any], task: int, state: MethodState, widths: Mapping[str, Sequence[int]]
+    ) -> str | None:
+        """Why ``state``, read from a checkpoint written after task ``task``, is not what this method
+        writes under ``cfg`` for a model whose adapters have output ``widths`` (per tower, per layer);
+        None when it fits. Checked before the state is used, so a crafted checkpoint (valid
+        checksum, same config) cannot pass tensors of the wrong size into the maths.
+
+        The default is a method that keeps no state between tasks; a method that keeps some
+        overrides this with the shapes it writes (DMNSP: its per-layer bases).
+        """
+        if any(len(v) for v in state.values()):
+            return f"method {cls.name} keeps no state between tasks, but the checkpoint holds {sorted(state)}"
+        return None
+
     # ------------------------------------------------------------------ hooks
     def start_task(self, ctx: TaskContext) -> None:
         """Before the first step of task ``ctx.task``."""

@@ -131,6 +131,21 @@ def update_bases(
     return out
 
 
+def basis_columns(cfg: dict, task: int, width: int) -> tuple[int, int]:
+    """The fewest and most columns a layer's basis of ``width`` rows can have after task ``task``
+    (:func:`update_bases`): concat appends ``width - TOP_SELECT`` per task; orthonormal removes
+    ``TOP_SELECT`` per task from the ``width`` free directions, or, with an energy threshold, as many
+    as the threshold asks (any number)."""
+    proj, top = cfg["projection"], cfg["TOP_SELECT"]
+    if proj["basis"] == "concat":
+        n = (task + 1) * max(0, width - top)
+        return n, n
+    if proj["energy_threshold"] is not None:
+        return 0, width
+    n = max(0, width - (task + 1) * top)
+    return n, n
+
+
 def _record(model: nn.Module, towers: list[str], on: bool) -> None:
     from ..adapters import set_recording
 
@@ -206,6 +221,37 @@ class DMNSP(Method):
         if proj["energy_threshold"] is not None:
             parts.append(f"energy={proj['energy_threshold']:g}")
         return parts
+
+    @classmethod
+    def state_mismatch(
+        cls, cfg: dict[str, Any], task: int, state: MethodState, widths: dict[str, list[int]]
+    ) -> str | None:
+        """The bases after task ``task``: one per layer of the visual tower (and of the text tower when
+        it is projected), ``width`` rows, finite float32, with the columns :func:`update_bases` leaves."""
+        import torch
+
+        towers = [t for t in ("visual", "text") if t == "visual" or t in projected_towers(cfg)]
+        if task < 0:
+            towers = []
+        if sorted(state) != sorted(towers):
+            return f"bases of the towers {sorted(state)}, expected {towers} after task {task}"
+        for tower in towers:
+            vs, layers = state[tower], widths.get(tower, [])
+            if len(vs) != len(layers):
+                return f"{len(vs)} {tower} bases for {len(layers)} layers"
+            for layer, (v, width) in enumerate(zip(vs, layers, strict=True)):
+                if v.dim() != 2 or v.shape[0] != width:
+                    return f"{tower} basis {layer} has {v.shape[0]} rows, the adapter's width is {width}"
+                low, high = basis_columns(cfg, task, width)
+                if not low <= v.shape[1] <= high:
+                    want = low if low == high else f"{low} to {high}"
+                    return (
+                        f"{tower} basis {layer} has {v.shape[1]} columns; after task {task} "
+                        f"{cfg['projection']['basis']} bases of width {width} have {want}"
+                    )
+                if v.dtype != torch.float32 or not bool(torch.isfinite(v).all()):
+                    return f"{tower} basis {layer} is not finite float32"
+        return None
 
     def start_task(self, ctx: TaskContext) -> None:
         self.seconds = {"lambda": 0.0, "basis": 0.0}
