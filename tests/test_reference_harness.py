@@ -618,6 +618,8 @@ def test_evaluation_eval_mode_seen_test_images_seen_prompts_sample_weighted(runs
     run = runs[name]
     names, scale = run["data"].class_names, _scale(run)
     faithful = run["cfg"]["projection"]["mode"] == "faithful"
+    R: list[list[float]] = []
+    A: list[float] = []
     for t, phase in enumerate(run["phases"]):
         ev = phase["evaluation"]
         texts, images = _passes(ev, "text"), _passes(ev, "image")
@@ -650,13 +652,22 @@ def test_evaluation_eval_mode_seen_test_images_seen_prompts_sample_weighted(runs
         row = run["rows"][t]
         per_task = [float(correct[task_of == s].double().mean()) for s in range(t + 1)]
         assert row["accuracy_per_task"] == pytest.approx(per_task, abs=1e-12), (name, t)
+        # A_t: sample-weighted over all seen test images (not the mean of the tasks' accuracies).
         assert row["accuracy"] == pytest.approx(float(correct.double().mean()), abs=1e-12), (name, t)
-    # Tasks of unequal size and accuracy: the sample-weighted mean is not the mean of the tasks'.
-    row = run["rows"][1]
-    assert row["n_samples_per_task"] == [FIRST * N_TEST, STEP * N_TEST]
-    unweighted = sum(row["accuracy_per_task"]) / 2
-    if row["accuracy_per_task"][0] != row["accuracy_per_task"][1]:
-        assert row["accuracy"] != pytest.approx(unweighted, abs=1e-9)
+        R.append(per_task)
+        A.append(float(correct.double().mean()))
+    # Tasks of unequal size (32 and 24 test images) and accuracy: the two means differ here.
+    assert run["rows"][1]["n_samples_per_task"] == [FIRST * N_TEST, STEP * N_TEST]
+    assert R[1][0] != R[1][1] and A[1] != pytest.approx(sum(R[1]) / 2, abs=1e-9)
+    # The run's metrics: Avg = mean over steps of A_t, Last = A of the last step, R as restated.
+    from dmnsp.metrics import metrics_from_rows
+
+    metrics = metrics_from_rows(run["rows"], run["diags"])  # 2 of the 3 tasks: scored on those
+    assert metrics["n_tasks_done"] == TASKS and metrics["avg"] == pytest.approx(sum(A) / len(A), abs=1e-12)
+    assert metrics["last"] == pytest.approx(A[-1], abs=1e-12)
+    assert metrics["accuracy_per_step"][:TASKS] == pytest.approx(A, abs=1e-12)
+    assert metrics["accuracy_matrix"][1][:TASKS] == pytest.approx(R[1], abs=1e-12)
+    assert metrics["accuracy_matrix"][0][0] == pytest.approx(R[0][0], abs=1e-12)
 
 
 def test_zeroshot_trains_nothing(runs):
