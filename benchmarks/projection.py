@@ -107,7 +107,9 @@ class StepBench:
     def step(self, projected: bool) -> None:
         model = self.model
         logits = clip_logits(
-            encode_image(model, self.images), encode_text(model, self.tokens), logit_scale(model, "checkpoint")
+            encode_image(model, self.images),
+            encode_text(model, self.tokens),
+            logit_scale(model, "checkpoint"),
         )
         loss = F.cross_entropy(logits.float(), self.labels)
         opt = self.dm_opt if projected else self.ft_opt

@@ -21,8 +21,6 @@ from torch import nn
 
 from .adapters import add_adapters
 
-#: exp(logit_scale) of OpenAI's CLIP weights (and CLIP's clamp): the clean mode's logit scale.
-CLIP_LOGIT_SCALE = 100.0
 _registered = False
 
 

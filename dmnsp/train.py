@@ -108,7 +108,9 @@ def _step(
     model, cfg = ctx.model, ctx.cfg
     with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=ctx.amp):
         image_features = encode_image(model, images)
-        logits = clip_logits(image_features, encode_text(model, ctx.tokens), logit_scale(model, cfg["logit_scale"]))
+        logits = clip_logits(
+            image_features, encode_text(model, ctx.tokens), logit_scale(model, cfg["logit_scale"])
+        )
     loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg["ls"])
     extra = method.extra_loss(ctx, images, image_features)
     if extra is not None:

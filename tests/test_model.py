@@ -122,7 +122,9 @@ def test_logit_scale_is_the_checkpoints_own_or_a_constant(tmp_path):
     model = create_clip("dmnsp-tiny", str(path), seed=1, adapter_dim=8).model
     got = dm.logit_scale(model, "checkpoint")
     # exp of the stored float32 parameter, in float32 (what the reference's forward computes).
-    assert got.dtype == torch.float32 and torch.equal(got, torch.exp(torch.tensor(2.6612, dtype=torch.float32)))
+    assert got.dtype == torch.float32 and torch.equal(
+        got, torch.exp(torch.tensor(2.6612, dtype=torch.float32))
+    )
     assert float(got) == pytest.approx(14.31, abs=0.01)
     assert torch.equal(dm.logit_scale(model, 100.0), torch.tensor(100.0))
     assert torch.equal(dm.logit_scale(model, 100), torch.tensor(100.0))

@@ -99,8 +99,13 @@ def test_reference_order_is_the_reference_loop_bit_for_bit(layers, tasks):
         for kind, shape in (("down", (4, D)), ("up", (D, 4))):
             grad = torch.randn(*shape, generator=g) * 1e-3
             got = ns.project_sequential(grad, pairs[layer], kind)
-            assert torch.equal(got, _reference_loop(grad, bases, lam[layer], layers, layer, kind)), (layer, kind)
-            composite = (ns.project_down if kind == "down" else ns.project_up)(grad, ops[layer], factors[layer])
+            assert torch.equal(got, _reference_loop(grad, bases, lam[layer], layers, layer, kind)), (
+                layer,
+                kind,
+            )
+            composite = (ns.project_down if kind == "down" else ns.project_up)(
+                grad, ops[layer], factors[layer]
+            )
             differs += int(not torch.equal(got, composite))
     # The composite is the same maths with other float32 rounding: not the same bits.
     assert differs > 0

@@ -56,7 +56,9 @@ class ProjectionPlan:
             for layer, adapter in enumerate(adapters(model, tower)):
                 yield adapter.down.weight, adapter.up.weight, tower, layer
 
-    def project(self, g: torch.Tensor, tower: str, layer: int, kind: str, scaled: bool = True) -> torch.Tensor:
+    def project(
+        self, g: torch.Tensor, tower: str, layer: int, kind: str, scaled: bool = True
+    ) -> torch.Tensor:
         """One weight's gradient (``kind`` down or up) through layer ``layer``'s operators; with
         ``scaled`` False the coefficients are left out (the update target)."""
         from .. import nullspace as ns
