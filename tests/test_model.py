@@ -135,3 +135,32 @@ def test_logit_scale_is_the_checkpoints_own_or_a_constant(tmp_path):
     img = torch.nn.functional.normalize(torch.randn(3, 8), dim=-1)
     txt = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
     assert torch.equal(dm.clip_logits(img, txt, got), (got * img) @ txt.t())
+
+
+def test_logit_scale_order_and_basis_batch_keys_resolve_by_mode_and_label_the_run():
+    from dmnsp.config import ConfigError, config_hash, validate
+    from dmnsp.methods import run_label
+
+    base = {"model_name": "dmnsp-tiny", "pretrained": None}
+    faithful = validate(base)
+    clean = validate({**base, "projection": {"mode": "clean"}})
+    assert faithful["logit_scale"] == "checkpoint" and clean["logit_scale"] == 100.0
+    assert faithful["projection"]["order"] == "reference" and clean["projection"]["order"] == "composite"
+    assert faithful["projection"]["basis_batch"] == clean["projection"]["basis_batch"] == 128
+    assert run_label(faithful) == "dmnsp" and run_label(clean) == "dmnsp (mode=clean)"
+    # 100 and 100.0 are one setting (one config hash); off the mode's choice they name the run.
+    a, b = validate({**base, "logit_scale": 100}), validate({**base, "logit_scale": 100.0})
+    assert a["logit_scale"] == 100.0 and config_hash(a) == config_hash(b) != config_hash(faithful)
+    assert run_label(a) == "dmnsp (logit_scale=100)"
+    assert (
+        run_label(validate({**base, "method": "finetune", "logit_scale": 100}))
+        == "finetune (logit_scale=100)"
+    )
+    assert run_label(validate({**base, "method": "zeroshot", "logit_scale": 100})) == "zeroshot"  # argmax
+    odd = validate({**base, "projection": {"order": "composite", "basis_batch": 64}})
+    assert run_label(odd) == "dmnsp (order=composite, basis_batch=64)"
+    for bad in ("foo", 0, -1.0, True):
+        with pytest.raises(ConfigError, match="logit_scale"):
+            validate({**base, "logit_scale": bad})
+    with pytest.raises(ConfigError, match="basis_batch"):
+        validate({**base, "projection": {"basis_batch": 0}})
