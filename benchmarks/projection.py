@@ -7,7 +7,8 @@ Part 1, per step: a ``dmnsp`` step (forward + backward + ``ProjectionPlan.apply`
 ``finetune`` step (the same without the projection) on the same model and batch. The plan is built
 by ``dmnsp.methods.dmnsp.build_plan`` from realistic bases: 10 tasks of faithful concat history per layer
 (V of D × 10(D-1)), coefficients from the batch's own adapter outputs. The per-step overhead is the
-``plan.apply`` cost (one matmul per adapter weight); it is timed alone (many repetitions, stable)
+``plan.apply`` cost (the faithful default, projection.order reference: 2 thin products per basis and
+adapter weight; benchmarks/projection_order.py sets both orders side by side); it is timed alone (many repetitions, stable)
 and also shown as the difference of the two step medians (noisy on a shared machine).
 
 Part 2, per task, ViT-B-16 width 768 with 10 tasks of history: the Gram matrices, the SVD per layer
