@@ -1,0 +1,96 @@
+"""Parity with the official code: the project's method and the official repository's own modules,
+run side by side on CPU with the project's tiny CLIP, the same data and (where the official code
+allows) the same random streams.
+
+    .venv/bin/python benchmarks/parity.py --method dmnsp --official PATH [--seeds 0 1] [...]
+
+PATH is a local checkout of the official repository (RL-VIG/DMNSP, JiazuoYu/MoE-Adapters4CL or
+linlany/RAPF); the project never contains or downloads it. Its modules are imported from PATH at
+run time; only what CPU execution and the tiny model force is patched, plus the data order and
+seeds, and every patch is printed. Per task it prints both accuracies, the prediction agreement
+and the method's own state (DMNSP: lambda, inf fraction of AdamW's exp_avg_sq, bases; MoE: gate
+statistics; RAPF: fused map, class statistics). Timings on a shared machine are indicative only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from parity_common import OFFICIAL, ROOT, ParityError, check_modules, official_root
+
+METHODS = tuple(OFFICIAL)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--method", required=True, choices=METHODS)
+    ap.add_argument("--official", help="local checkout of the method's official repository")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument(
+        "--train-per-class", type=int, default=300, help="training images per class (max_train_per_class)"
+    )
+    ap.add_argument(
+        "--test-per-class", type=int, default=200, help="test images per class (max_test_per_class)"
+    )
+    ap.add_argument(
+        "--adapter-dim",
+        type=int,
+        default=64,
+        help="adapter bottleneck (DMNSP, MoE: the official adapter hard-codes 64; another width is patched in)",
+    )
+    ap.add_argument("--batch-size", type=int, default=None, help="training batch (default: the method's)")
+    ap.add_argument(
+        "--epochs", type=int, default=None, help="RAPF: epochs per task (default 15, as the official)"
+    )
+    ap.add_argument(
+        "--numerics",
+        choices=("cpu", "cuda-foreach"),
+        default="cpu",
+        help="DMNSP/MoE AdamW order: cpu = both sides run torch's CPU AdamW (no patch); cuda-foreach = "
+        "the project's faithful CUDA order, the official AdamW patched to the same emulation",
+    )
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--pretrained", help="tiny CLIP checkpoint (default results/pretrain/dmnsp-tiny.pt, made if missing)"
+    )
+    ap.add_argument(
+        "--log-dir", default=str(ROOT / "results/parity"), help="where the official code's output goes"
+    )
+    ap.add_argument("--json", help="also write the figures to this JSON file")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        root = official_root(args.method, args.official)
+        check_modules(args.method)
+        return _run(args, root)
+    except ParityError as exc:
+        print(f"parity: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args, root: Path) -> int:
+    import importlib
+
+    from common import machine_line
+
+    harness = importlib.import_module(f"parity_{args.method}")
+    print(machine_line(), flush=True)
+    print(f"official code: {OFFICIAL[args.method].name} at {root}", flush=True)
+    t0 = time.perf_counter()
+    results = harness.run(args, root)
+    print(f"\nwall {time.perf_counter() - t0:.0f} s (2 shared cores: indicative only)")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(results, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
