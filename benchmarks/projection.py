@@ -47,7 +47,7 @@ from dmnsp import nullspace as ns  # noqa: E402
 from dmnsp.adapters import adapters, recorded_outputs, set_recording  # noqa: E402
 from dmnsp.config import validate  # noqa: E402
 from dmnsp.methods.dmnsp import build_plan  # noqa: E402
-from dmnsp.model import clip_logits, create_clip, encode_image, encode_text  # noqa: E402
+from dmnsp.model import clip_logits, create_clip, encode_image, encode_text, logit_scale  # noqa: E402
 
 OVERHEAD_TARGET = 0.05  # of a finetune step, ViT-B-16
 LAMBDA_BASIS_TARGET = 1.0  # seconds per task, CPU, ViT-B-16, 10 tasks of history
@@ -106,7 +106,11 @@ class StepBench:
 
     def step(self, projected: bool) -> None:
         model = self.model
-        logits = clip_logits(encode_image(model, self.images), encode_text(model, self.tokens))
+        logits = clip_logits(
+            encode_image(model, self.images),
+            encode_text(model, self.tokens),
+            logit_scale(model, "checkpoint"),
+        )
         loss = F.cross_entropy(logits.float(), self.labels)
         opt = self.dm_opt if projected else self.ft_opt
         opt.zero_grad(set_to_none=True)

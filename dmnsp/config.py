@@ -243,6 +243,10 @@ def _resolve(cfg: dict) -> dict:
             proj[key] = value
     if cfg["optimizer"]["numerics"] is None:  # the reference ran torch's foreach AdamW on a GPU
         cfg["optimizer"]["numerics"] = methods.NUMERICS_BY_MODE[proj["mode"]]
+    if cfg["logit_scale"] is None:  # the reference scales by the loaded checkpoint's exp(logit_scale)
+        cfg["logit_scale"] = methods.LOGIT_SCALE_BY_MODE[proj["mode"]]
+    elif cfg["logit_scale"] != "checkpoint":  # 100 and 100.0: one setting, one config hash
+        cfg["logit_scale"] = float(cfg["logit_scale"])
     if proj["energy_threshold"] is not None and proj["basis"] != "orthonormal":
         raise ConfigError("'projection.energy_threshold' needs projection.basis: orthonormal")
     if cfg["eval_transform"] is None:

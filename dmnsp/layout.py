@@ -225,7 +225,12 @@ def write_run_info(
             "git_revision": _git_revision(),
             "config_hash": config_hash(cfg),
             # The arithmetic that decides faithful DMNSP's float32 overflow (method.md section 6).
-            "numerics": {"optimizer": cfg["optimizer"]["numerics"], "eig": cfg["projection"]["eig"]},
+            "numerics": {
+                "optimizer": cfg["optimizer"]["numerics"],
+                "eig": cfg["projection"]["eig"],
+                "order": cfg["projection"]["order"],
+                "logit_scale": cfg["logit_scale"],
+            },
         },
     )
 

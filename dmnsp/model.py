@@ -21,7 +21,6 @@ from torch import nn
 
 from .adapters import add_adapters
 
-LOGIT_SCALE = 100.0  # the reference freezes CLIP's logit scale at exp(log 100)
 _registered = False
 
 
@@ -212,9 +211,24 @@ def encode_image(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     return F.normalize(model.encode_image(images), dim=-1)
 
 
-def clip_logits(image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
-    """``100 * norm(f_img) · norm(f_txt)^T`` (features already normalised)."""
-    return LOGIT_SCALE * image_features @ text_features.t()
+def logit_scale(model: nn.Module, setting: str | float) -> torch.Tensor:
+    """The factor of the logits (run key ``logit_scale``, resolved), a float32 scalar on the model's device.
+
+    ``"checkpoint"``: ``exp(logit_scale)`` of the loaded weights, computed in float32 from the frozen
+    parameter as the reference's forward does (100 for OpenAI's ViT-B/16, 14.3 for a freshly
+    initialised CLIP, whatever a self-pretrained one reached); a number: that constant.
+    """
+    if setting == "checkpoint":
+        return model.logit_scale.detach().exp()
+    return torch.tensor(float(setting), dtype=torch.float32, device=model.logit_scale.device)
+
+
+def clip_logits(
+    image_features: torch.Tensor, text_features: torch.Tensor, scale: torch.Tensor | float
+) -> torch.Tensor:
+    """``scale * norm(f_img) · norm(f_txt)^T`` (features already normalised), multiplied in the
+    reference's order: ``(scale * f_img) @ f_txt^T``."""
+    return scale * image_features @ text_features.t()
 
 
 def prompts(class_names: list[str], template: str) -> list[str]:

@@ -36,12 +36,18 @@ TRAINING_KEYS = frozenset(
         "adapter_scale",
         "adapter_dropout",
         "optimizer.numerics",
+        "logit_scale",
     }
 )
 
 #: ``optimizer.numerics`` when a config leaves it null: the reference ran torch's foreach AdamW on
 #: a GPU (faithful); clean mode takes torch's own AdamW for the device (method.md section 6).
 NUMERICS_BY_MODE = {"faithful": "cuda-foreach", "clean": "torch"}
+
+#: ``logit_scale`` when a config leaves it null: the reference multiplies the logits by
+#: ``exp(logit_scale)`` of the loaded checkpoint (faithful); clean mode uses CLIP's 100, the value of
+#: OpenAI's weights, whatever a self-pretrained checkpoint reached (config/README.md, Numerics).
+LOGIT_SCALE_BY_MODE: dict[str, str | float] = {"faithful": "checkpoint", "clean": 100.0}
 
 #: Method state kept from task to task in the checkpoint: per tower, a list of tensors.
 MethodState = dict[str, list["torch.Tensor"]]
