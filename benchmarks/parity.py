@@ -15,6 +15,7 @@ statistics; RAPF: fused map, class statistics). Timings on a shared machine are 
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import sys
 import time
@@ -61,28 +62,50 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-dir", default=str(ROOT / "results/parity"), help="where the official code's output goes"
     )
     ap.add_argument("--json", help="also write the figures to this JSON file")
+    ap.add_argument(
+        "--project",
+        help="the project checkout whose dmnsp package is compared (default: this one), e.g. a branch "
+        "exported with `git archive BRANCH | tar -x -C DIR`",
+    )
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    faulthandler.enable()
     try:
         root = official_root(args.method, args.official)
         check_modules(args.method)
+        use_project(args.project)
         return _run(args, root)
     except ParityError as exc:
         print(f"parity: error: {exc}", file=sys.stderr)
         return 2
 
 
+def use_project(path: str | None) -> None:
+    """Import ``dmnsp`` from the checkout at ``path`` instead of this one."""
+    if path is None:
+        return
+    project = Path(path).expanduser().resolve()
+    if not (project / "dmnsp" / "__init__.py").is_file():
+        raise ParityError(f"--project {path} holds no dmnsp package (dmnsp/__init__.py)")
+    if "dmnsp" in sys.modules:
+        raise ParityError("dmnsp was imported before --project could take effect")
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT]
+    sys.path.insert(0, str(project))
+
+
 def _run(args, root: Path) -> int:
     import importlib
 
+    dmnsp = importlib.import_module("dmnsp")  # before common, which puts this checkout on sys.path
     from common import machine_line
 
     harness = importlib.import_module(f"parity_{args.method}")
     print(machine_line(), flush=True)
     print(f"official code: {OFFICIAL[args.method].name} at {root}", flush=True)
+    print(f"project code: {Path(dmnsp.__file__).parent.parent}", flush=True)
     t0 = time.perf_counter()
     results = harness.run(args, root)
     print(f"\nwall {time.perf_counter() - t0:.0f} s (2 shared cores: indicative only)")

@@ -220,6 +220,111 @@ class Patches:
         return [f"  [{p.kind}] {p.what}: {p.why}" for p in self.items]
 
 
+def official_blocks(clip_model) -> list[tuple[str, Any]]:
+    """(tower, block) of every residual block of an official (OpenAI-layout) CLIP."""
+    return [("visual", b) for b in clip_model.visual.transformer.resblocks] + [
+        ("text", b) for b in clip_model.transformer.resblocks
+    ]
+
+
+def fit_tiny_backbone(clip_model, ours, patches: Patches) -> None:
+    """Give the official CLIP the tiny model's head count and activation, where its builder assumes
+    OpenAI's ViT-B sizes: ``build_model`` infers ``heads = width // 64`` (1 at width 64; the tiny
+    model has 2 per tower) and every block hard-codes QuickGELU (the tiny open_clip model: GELU)."""
+    from dmnsp.adapters import tower_blocks
+
+    for tower, block in official_blocks(clip_model):
+        ref = tower_blocks(ours, tower)[0].block
+        heads = ref.attn.num_heads
+        block.attn.num_heads = heads
+        block.attn.head_dim = block.attn.embed_dim // heads
+        block.mlp.gelu = type(ref.mlp.gelu)()
+    patches.note(
+        "tiny",
+        "attn.num_heads / head_dim of every official block set to the tiny model's (2 per tower)",
+        "clip/model.py build_model infers heads = width // 64, i.e. 1 at width 64",
+    )
+    patches.note(
+        "tiny",
+        "mlp.gelu of every official block replaced by nn.GELU",
+        "the tiny open_clip model uses nn.GELU; the official blocks hard-code QuickGELU (OpenAI weights)",
+    )
+
+
+def exact_log(scale: float):
+    """A float32 ``x`` whose float32 ``exp`` is ``scale`` rounded to float32 when one exists near
+    ``log(scale)`` (else the closest found), so a model computing ``logit_scale.exp()`` multiplies by
+    the same float32 factor as the project."""
+    import torch
+
+    target = torch.tensor(scale, dtype=torch.float32)
+    x = torch.tensor(float(np.log(scale)), dtype=torch.float32)
+    candidates = [x]
+    for direction in (float("inf"), float("-inf")):
+        y = x
+        for _ in range(64):
+            y = torch.nextafter(y, torch.tensor(direction))
+            candidates.append(y)
+    return min(candidates, key=lambda y: (abs(float(torch.exp(y)) - float(target)), abs(float(y - x))))
+
+
+def align_logit_scale(clip_model, our_scale: float, patches: Patches) -> None:
+    """When the project's code under test multiplies the logits by another factor than the
+    checkpoint's ``exp(logit_scale)`` (the fixed 100 before issue 17's change), set the official
+    model's ``logit_scale`` so that its ``exp`` is that factor, and say so."""
+    import torch
+
+    theirs = float(clip_model.logit_scale.detach().exp())
+    if np.float32(theirs) == np.float32(our_scale):
+        return
+    with torch.no_grad():
+        clip_model.logit_scale.copy_(exact_log(our_scale))
+    patches.note(
+        "align",
+        f"official logit_scale set to log({our_scale:g}) (checkpoint: exp = {theirs:.4g})",
+        "the project code under test multiplies the logits by a fixed 100, the official code by the "
+        "checkpoint's exp(logit_scale) (issue 17); aligned so the rest can be compared",
+    )
+
+
+def our_logit_scale(cfg: Mapping[str, Any], model) -> float:
+    """The factor the project's code under test puts on the logits for this config and model."""
+    import dmnsp.model as dm
+
+    if hasattr(dm, "logit_scale") and "logit_scale" in cfg:
+        return float(dm.logit_scale(model, cfg["logit_scale"]))
+    return float(getattr(dm, "LOGIT_SCALE", 100.0))
+
+
+class LoaderFactory:
+    """``DataLoader`` for the official loops with the project's samplers and seeds: one process
+    (``num_workers=0``) so that random crops come from the same global stream as the project's,
+    shuffling from a generator seeded as the project seeds each loader. The n-th call in a task
+    takes ``purposes[n]`` (the last one repeats); with ``reseed`` the global stream is reseeded
+    with that purpose first, as the project reseeds before evaluating."""
+
+    def __init__(self, seed: int, state: dict, purposes: Sequence[str], reseed: str | None = None) -> None:
+        self.seed, self.state, self.purposes, self.reseed = seed, state, list(purposes), reseed
+        self.calls: dict[int, int] = {}
+
+    def __call__(self, dataset, batch_size=1, shuffle=False, sampler=None, num_workers=0, **kwargs):
+        import torch
+
+        from dmnsp.loaders import derive_seed
+
+        task = self.state["task"]
+        n = self.calls.get(task, 0)
+        self.calls[task] = n + 1
+        purpose = self.purposes[min(n, len(self.purposes) - 1)]
+        if self.reseed is not None:
+            torch.manual_seed(derive_seed(self.seed, task, self.reseed))
+        gen = torch.Generator()
+        gen.manual_seed(derive_seed(self.seed, task, purpose))
+        return torch.utils.data.DataLoader(
+            dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler, num_workers=0, generator=gen
+        )
+
+
 def cpu_patches(patches: Patches) -> None:
     """``.cuda(...)`` on tensors and modules becomes a no-op: the official loops call it with
     hard-coded device numbers, and this machine has no GPU."""
@@ -312,6 +417,7 @@ def task_series(session, split: str, transform) -> TaskSeries:
 # ------------------------------------------------------------------------------- weights
 
 _BLOCK = re.compile(r"^(visual\.transformer|transformer)\.resblocks\.(\d+)\.block\.")
+_ADAPTER = re.compile(r"^(visual\.transformer|transformer)\.resblocks\.(\d+)\.adapter\.(.+)$")
 
 
 def to_official_layout(state: Mapping[str, Any], adapter_names: Mapping[str, str]) -> dict[str, Any]:
@@ -319,22 +425,24 @@ def to_official_layout(state: Mapping[str, Any], adapter_names: Mapping[str, str
     in the official (OpenAI ``clip``) layout.
 
     open_clip already names the backbone as OpenAI's CLIP does; the project's wrapper adds
-    ``.block.`` inside each residual block and keeps the adapter beside it as ``.adapter.<x>.``.
-    ``adapter_names`` maps the adapter's sub-module path (e.g. ``down``) to the official one
-    (``adaptmlp.down_proj``); an adapter key with no mapping is an error, never dropped.
+    ``.block.`` inside each residual block and keeps the adapter beside it as ``.adapter.<path>``.
+    ``adapter_names`` maps a path prefix inside the adapter (``down``, ``experts.1.up``,
+    ``router``) to the official one (``adaptmlp.down_proj``, ``adaptmlp_list.1.up_proj``,
+    ``router_list.0``); the longest matching prefix wins, and an adapter key with no mapping is an
+    error, never dropped.
     """
     out = {}
+    prefixes = sorted(adapter_names, key=len, reverse=True)
     for key, value in state.items():
-        new = _BLOCK.sub(r"\1.resblocks.\2.", key)
-        m = re.match(
-            r"^(visual\.transformer|transformer)\.resblocks\.(\d+)\.adapter\.(.+)\.(weight|bias)$", key
-        )
-        if m:
-            sub = m.group(3)
-            if sub not in adapter_names:
-                raise KeyError(f"no official name for adapter module {sub!r} (key {key})")
-            new = f"{m.group(1)}.resblocks.{m.group(2)}.{adapter_names[sub]}.{m.group(4)}"
-        out[new] = value
+        m = _ADAPTER.match(key)
+        if m is None:
+            out[_BLOCK.sub(r"\1.resblocks.\2.", key)] = value
+            continue
+        rest = m.group(3)
+        hit = next((p for p in prefixes if rest == p or rest.startswith(p + ".")), None)
+        if hit is None:
+            raise KeyError(f"no official name for adapter module {rest!r} (key {key})")
+        out[f"{m.group(1)}.resblocks.{m.group(2)}.{adapter_names[hit]}{rest[len(hit) :]}"] = value
     return out
 
 

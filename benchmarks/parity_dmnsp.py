@@ -21,13 +21,18 @@ import numpy as np
 import torch
 import yaml
 from parity_common import (
+    LoaderFactory,
     ParityError,
     Patches,
     TaskSeries,
+    align_logit_scale,
     captured_locals,
     cpu_patches,
+    fit_tiny_backbone,
     import_official,
     load_checked,
+    official_blocks,
+    our_logit_scale,
     task_series,
     to_official_layout,
 )
@@ -39,72 +44,20 @@ ADAPTER_NAMES = {"down": "adaptmlp.down_proj", "up": "adaptmlp.up_proj"}
 OFFICIAL_BOTTLENECK = 64
 
 
-def _official_blocks(clip_model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [("visual", b) for b in clip_model.visual.transformer.resblocks] + [
-        ("text", b) for b in clip_model.transformer.resblocks
-    ]
-
-
-def fit_tiny(clip_model: nn.Module, ours: nn.Module, adapter_dim: int, patches: Patches) -> None:
-    """Make the official CLIP the tiny architecture where its builder assumes ViT-B sizes.
-
-    ``build_model`` infers ``heads = width // 64`` (1 at width 64; the tiny model has 2 per tower),
-    every block uses QuickGELU (the tiny open_clip model uses nn.GELU), and the adapter's down
-    projection is hard-coded to 64 outputs.
-    """
-    from dmnsp.adapters import tower_blocks
-
-    for tower, block in _official_blocks(clip_model):
-        ref = tower_blocks(ours, tower)[0].block
-        heads = ref.attn.num_heads
-        block.attn.num_heads = heads
-        block.attn.head_dim = block.attn.embed_dim // heads
-        block.mlp.gelu = type(ref.mlp.gelu)()
-        if adapter_dim != OFFICIAL_BOTTLENECK:
-            width = block.attn.embed_dim
-            block.adaptmlp.down_proj = nn.Linear(width, adapter_dim)
-            block.adaptmlp.up_proj = nn.Linear(adapter_dim, width)
+def fit_adapter_width(clip_model: nn.Module, adapter_dim: int, patches: Patches) -> None:
+    """The official adapter's down projection is hard-coded to 64 outputs: rebuild both projections
+    when the run asks for another bottleneck."""
+    if adapter_dim == OFFICIAL_BOTTLENECK:
+        return
+    for _, block in official_blocks(clip_model):
+        width = block.attn.embed_dim
+        block.adaptmlp.down_proj = nn.Linear(width, adapter_dim)
+        block.adaptmlp.up_proj = nn.Linear(adapter_dim, width)
     patches.note(
         "tiny",
-        "attn.num_heads / head_dim of every official block set to the tiny model's (2 per tower)",
-        "clip/model.py build_model infers heads = width // 64, i.e. 1 at width 64",
+        f"adaptmlp.down_proj / up_proj rebuilt with bottleneck {adapter_dim}",
+        "clip/adapter.py hard-codes a 64-wide down projection; --adapter-dim asked for another width",
     )
-    patches.note(
-        "tiny",
-        "mlp.gelu of every official block replaced by nn.GELU",
-        "the tiny open_clip model uses nn.GELU; the official blocks hard-code QuickGELU (OpenAI weights)",
-    )
-    if adapter_dim != OFFICIAL_BOTTLENECK:
-        patches.note(
-            "tiny",
-            f"adaptmlp.down_proj / up_proj rebuilt with bottleneck {adapter_dim}",
-            "clip/adapter.py hard-codes a 64-wide down projection; --adapter-dim asked for another width",
-        )
-
-
-class _LoaderFactory:
-    """``DataLoader`` for the official loops with the project's samplers and seeds: one process
-    (``num_workers=0``) so that random crops come from the same global stream as the project's,
-    shuffling from a generator seeded as the project seeds its loaders."""
-
-    def __init__(self, seed: int, state: dict, purposes: list[str], reseed: str | None = None) -> None:
-        self.seed, self.state, self.purposes, self.reseed = seed, state, purposes, reseed
-        self.calls: dict[int, int] = {}
-
-    def __call__(self, dataset, batch_size=1, shuffle=False, sampler=None, num_workers=0, **kwargs):
-        from dmnsp.loaders import derive_seed
-
-        task = self.state["task"]
-        n = self.calls.get(task, 0)
-        self.calls[task] = n + 1
-        purpose = self.purposes[min(n, len(self.purposes) - 1)]
-        if self.reseed is not None:  # the project reseeds the global stream before evaluating
-            torch.manual_seed(derive_seed(self.seed, task, self.reseed))
-        gen = torch.Generator()
-        gen.manual_seed(derive_seed(self.seed, task, purpose))
-        return torch.utils.data.DataLoader(
-            dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler, num_workers=0, generator=gen
-        )
 
 
 def _sequential_sampler(dataset, num_replicas=1, rank=0, **kwargs):
@@ -167,7 +120,9 @@ def run_official(
 
     def load_model(c, device, origin_flag):
         inst = original_load(c, "cpu", origin_flag)
-        fit_tiny(inst.model, session.model, cfg["adapter_dim"], patches)
+        fit_tiny_backbone(inst.model, session.model, patches)
+        fit_adapter_width(inst.model, cfg["adapter_dim"], patches)
+        align_logit_scale(inst.model, our_logit_scale(cfg, session.model), patches)
         load_checked(inst.model, mapped, lambda k: k.endswith((".mean", ".std")))
         state["backbone"] = _backbone_probe(session, ours.init_state, inst.model, clip_mod, cfg)
         original_adaptation, original_forward = inst.adaptation, inst.forward
@@ -225,7 +180,7 @@ def run_official(
     patches.setattr(
         models,
         "DataLoader",
-        _LoaderFactory(seed, state, ["loader", "basis"]),
+        LoaderFactory(seed, state, ["loader", "basis"]),
         "align",
         "continual_clip.models.DataLoader: num_workers 8 -> 0, shuffling from the project's seeded generators",
         "one process keeps the random crops in the project's global stream; the training loader and the "
@@ -234,7 +189,7 @@ def run_official(
     patches.setattr(
         main,
         "DataLoader",
-        _LoaderFactory(seed, state, ["eval"], reseed="eval"),
+        LoaderFactory(seed, state, ["eval"], reseed="eval"),
         "align",
         "main.DataLoader (evaluation): num_workers 8 -> 0, global stream reseeded as the project does",
         "each test image gets the same random crop as in the project's evaluation",

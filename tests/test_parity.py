@@ -183,7 +183,7 @@ def test_weight_mapping_of_a_tiny_random_model():
         is state["transformer.resblocks.11.adapter.down.weight"]
     )
     assert mapped["visual.proj"] is state["visual.proj"]
-    with pytest.raises(KeyError, match="no official name for adapter module 'up'"):
+    with pytest.raises(KeyError, match="no official name for adapter module 'up.weight'"):
         pc.to_official_layout(state, {"down": "adaptmlp.down_proj"})
 
 
@@ -225,3 +225,38 @@ def test_captured_locals_sees_a_functions_locals_on_return():
     assert [d["secret"] for d in seen] == [[3, 6], [4, 8]]
     f(5)
     assert len(seen) == 2
+
+
+def test_weight_mapping_prefixes_respect_dots_and_length():
+    state = {
+        "visual.transformer.resblocks.2.adapter.experts.1.up.weight": 1,
+        "visual.transformer.resblocks.2.adapter.router": 2,
+        "transformer.resblocks.0.adapter.experts.10.down.bias": 3,
+        "transformer.resblocks.0.block.ln_1.weight": 4,
+    }
+    names = {
+        "experts.1": "wrong_if_used_for_10",
+        "experts.1.up": "adaptmlp_list.1.up_proj",
+        "experts.10.down": "adaptmlp_list.10.down_proj",
+        "router": "router_list.0",
+    }
+    assert pc.to_official_layout(state, names) == {
+        "visual.transformer.resblocks.2.adaptmlp_list.1.up_proj.weight": 1,
+        "visual.transformer.resblocks.2.router_list.0": 2,
+        "transformer.resblocks.0.adaptmlp_list.10.down_proj.bias": 3,
+        "transformer.resblocks.0.ln_1.weight": 4,
+    }
+
+
+@pytest.mark.parametrize("scale", [100.0, 14.285714149475098, 30.0])
+def test_exact_log_is_the_float32_whose_exp_is_closest(scale):
+    x = pc.exact_log(scale)
+    assert x.dtype == torch.float32
+
+    def gap(y):
+        return abs(float(torch.exp(y)) - scale)
+
+    for direction in (float("inf"), float("-inf")):
+        neighbour = torch.nextafter(x, torch.tensor(direction))
+        assert gap(x) <= gap(neighbour)
+    assert gap(x) <= 1e-6 * scale
