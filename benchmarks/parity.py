@@ -54,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="DMNSP/MoE AdamW order: cpu = both sides run torch's CPU AdamW (no patch); cuda-foreach = "
         "the project's faithful CUDA order, the official AdamW patched to the same emulation",
     )
+    ap.add_argument(
+        "--rapf-precision",
+        choices=("fp32", "fp16"),
+        default="fp32",
+        help="RAPF: the project's rapf.precision (the official code on CPU is fp32 but for fp16-rounded inputs)",
+    )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument(
         "--pretrained", help="tiny CLIP checkpoint (default results/pretrain/dmnsp-tiny.pt, made if missing)"
