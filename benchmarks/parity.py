@@ -60,6 +60,16 @@ def build_parser() -> argparse.ArgumentParser:
         default="fp32",
         help="RAPF: the project's rapf.precision (the official code on CPU is fp32 but for fp16-rounded inputs)",
     )
+    ap.add_argument(
+        "--rapf-fp16-inputs",
+        action="store_true",
+        help="RAPF: round both sides' input images to fp16 first (isolates the official fp16 input cast)",
+    )
+    ap.add_argument(
+        "--moe-stable-dispatch",
+        action="store_true",
+        help="MoE: keep each expert's samples in batch order in the official dispatcher (its sort is unstable)",
+    )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument(
         "--pretrained", help="tiny CLIP checkpoint (default results/pretrain/dmnsp-tiny.pt, made if missing)"

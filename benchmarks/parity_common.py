@@ -483,6 +483,19 @@ def max_abs_diff(a, b) -> float:
     return float((torch.as_tensor(a).double() - torch.as_tensor(b).double()).abs().max())
 
 
+def rounded(transform, dtype_name: str):
+    """``transform`` followed by a round trip through ``dtype_name`` (e.g. float16): inputs that a
+    cast to that type leaves unchanged."""
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+
+    def apply(img):
+        return transform(img).to(dtype).float()
+
+    return apply
+
+
 def fmt(x: float | None, spec: str = ".4f") -> str:
     return "-" if x is None else format(x, spec)
 
@@ -526,7 +539,10 @@ class OurRun:
 
 
 def run_ours(
-    cfg: dict, progress: bool = False, on_task: Callable[[int, OurRun], None] | None = None
+    cfg: dict,
+    progress: bool = False,
+    on_task: Callable[[int, OurRun], None] | None = None,
+    prepare: Callable[[Any], None] | None = None,
 ) -> OurRun:
     """Run every task of ``cfg`` with the project's own code, recording each evaluation's
     predictions (``dmnsp.evaluate.predict`` is wrapped for observation only)."""
@@ -535,6 +551,8 @@ def run_ours(
     from dmnsp.runner import Session
 
     session = Session(cfg, progress=progress)
+    if prepare is not None:  # e.g. the same input rounding on both sides
+        prepare(session)
     run = OurRun(session, {k: v.detach().clone() for k, v in session.model.state_dict().items()})
     original = ev.predict
 

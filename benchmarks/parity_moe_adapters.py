@@ -104,10 +104,10 @@ def block_check(model_mod, ours_model: nn.Module, n_experts: int, adapter_dim: i
     state = {f"visual.transformer.resblocks.0.{k}": v for k, v in ours.state_dict().items()}
     mapped = to_official_layout(state, adapter_names(n_experts))
     load_checked(theirs, {k.split("resblocks.0.", 1)[1]: v for k, v in mapped.items()}, _alias)
-    x = torch.randn(8, 17, width, generator=gen)  # (B, L, D), contiguous
-    weights = torch.randn(8, 17, width, generator=gen)
     out: dict[str, Any] = {}
-    for mode in ("eval", "train"):
+    for mode, batch in (("eval", 8), ("train", 8), ("eval", 128), ("train", 128)):
+        x = torch.randn(batch, 17, width, generator=gen)  # (B, L, D), contiguous
+        weights = torch.randn(batch, 17, width, generator=gen)
         ours.train(mode == "train")
         theirs.train(mode == "train")
         for m in (ours, theirs):
@@ -128,7 +128,7 @@ def block_check(model_mod, ours_model: nn.Module, n_experts: int, adapter_dim: i
             for k, g in g_mapped.items()
             if g is not None and g_theirs.get(k) is not None
         )
-        out[mode] = {
+        out[f"{mode} B={batch}"] = {
             "output_max_abs_diff": float((y_ours - y_theirs).abs().max()),
             "output_scale": float(y_ours.abs().max()),
             "grad_max_abs_diff": grad_diff,
@@ -139,7 +139,9 @@ def block_check(model_mod, ours_model: nn.Module, n_experts: int, adapter_dim: i
 # ------------------------------------------------------------------------------- the run
 
 
-def run_official(root: Path, ours, cfg: dict, numerics: str, patches: Patches, log: Path) -> list[dict]:
+def run_official(
+    root: Path, ours, cfg: dict, numerics: str, patches: Patches, log: Path, stable: bool = False
+) -> tuple[list[dict], dict]:
     from omegaconf import OmegaConf
 
     from dmnsp.loaders import derive_seed
@@ -156,6 +158,17 @@ def run_official(root: Path, ours, cfg: dict, numerics: str, patches: Patches, l
     if n_experts != 2 or cfg["moe"]["top_k"] != 2:
         raise ParityError(
             "the official CIL code hard-codes 2 experts and top-2 routing: run the project with those"
+        )
+    if stable:
+        patches.setattr(
+            model_mod,
+            "SparseDispatcher",
+            stable_dispatcher(model_mod),
+            "align",
+            "clip/model.py SparseDispatcher: each expert's samples in batch order (stable sort)",
+            "the official torch.nonzero(gates).sort(0) is not a stable sort: on CPU each expert's samples "
+            "come out permuted for batches above 8, so its dropout masks fall on other samples than in the "
+            "project's batch-ordered mixture (--moe-stable-dispatch)",
         )
     block = block_check(model_mod, session.model, n_experts, cfg["adapter_dim"])
     # cil/main.py takes its workdir from the first 'cil' folder of the working directory
@@ -294,6 +307,27 @@ def run_official(root: Path, ours, cfg: dict, numerics: str, patches: Patches, l
     return records, block
 
 
+def stable_dispatcher(model_mod):
+    """The official ``SparseDispatcher`` with each expert's samples kept in batch order.
+
+    The official one orders the (sample, expert) pairs with ``torch.nonzero(gates).sort(0)``, a
+    sort that torch does not keep stable: on CPU the samples of each expert come out permuted for
+    batches above 8, so the expert's dropout masks fall on other samples than in a batch-ordered
+    mixture. This subclass runs the official constructor, then re-derives the same fields from a
+    stable sort (``--moe-stable-dispatch``)."""
+
+    class StableDispatcher(model_mod.SparseDispatcher):
+        def __init__(self, num_experts, gates):
+            super().__init__(num_experts, gates)
+            pairs = torch.nonzero(gates)
+            order = torch.sort(pairs[:, 1], stable=True).indices
+            self._expert_index = pairs[order, 1:2]
+            self._batch_index = pairs[order, 0]
+            self._nonzero_gates = torch.gather(gates[self._batch_index.flatten()], 1, self._expert_index)
+
+    return StableDispatcher
+
+
 def _gate_recorder(block, clip_model, log: dict, key: tuple[str, int]):
     original = block.noisy_top_k_gating
 
@@ -424,7 +458,7 @@ def run(args, root: Path) -> dict:
         log = Path(args.log_dir) / f"moe_adapters-official-seed{seed}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
-        theirs, block = run_official(root, ours, cfg, args.numerics, patches, log)
+        theirs, block = run_official(root, ours, cfg, args.numerics, patches, log, args.moe_stable_dispatch)
         t_off = time.perf_counter() - t0
         print(f"official run: {t_off:.0f} s (its output: {log})", flush=True)
         rows = compare(ours, theirs, cfg["moe"]["experts"])

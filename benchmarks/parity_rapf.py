@@ -40,6 +40,7 @@ from parity_common import (
     fit_tiny_backbone,
     fmt,
     import_official,
+    rounded,
     task_series,
     to_official_layout,
 )
@@ -96,7 +97,9 @@ def function_checks(models_mod, dim: int = 64, seed: int = 0) -> dict[str, float
     return out
 
 
-def run_official(root: Path, ours, cfg: dict, patches: Patches, log: Path) -> tuple[list[dict], dict]:
+def run_official(
+    root: Path, ours, cfg: dict, patches: Patches, log: Path, round_inputs: bool = False
+) -> tuple[list[dict], dict]:
     from dmnsp.methods.rapf import initial_map
     from omegaconf import OmegaConf
 
@@ -247,6 +250,17 @@ def run_official(root: Path, ours, cfg: dict, patches: Patches, log: Path) -> tu
     return records, functions
 
 
+def _round_inputs(session) -> None:
+    """Both sides' images made fp16-representable before either model sees them (the official
+    forward casts every batch to fp16, the project's fp32 mode does not): isolates that difference."""
+
+    b = session.bundle
+    b.train_transform, b.eval_transform = (
+        rounded(b.train_transform, "float16"),
+        rounded(b.eval_transform, "float16"),
+    )
+
+
 def _fixed_scale() -> bool:
     """Whether the project code under test multiplies RAPF's logits by a fixed 100 (before the
     logit_scale run key existed)."""
@@ -323,14 +337,20 @@ def run(args, root: Path) -> dict:
             "\nsettings:", ", ".join(f"{k}={v}" for k, v in shown.items() if k != "dataset_root"), flush=True
         )
         t0 = time.perf_counter()
-        ours = run_ours(cfg)
+        ours = run_ours(cfg, prepare=_round_inputs if args.rapf_fp16_inputs else None)
         t_ours = time.perf_counter() - t0
         print(f"project run: {t_ours:.0f} s", flush=True)
         patches = Patches()
         log = Path(args.log_dir) / f"rapf-official-seed{seed}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
-        theirs, functions = run_official(root, ours, cfg, patches, log)
+        theirs, functions = run_official(root, ours, cfg, patches, log, args.rapf_fp16_inputs)
+        if args.rapf_fp16_inputs:
+            patches.note(
+                "align",
+                "both sides' input images rounded to fp16 by the data transform (--rapf-fp16-inputs)",
+                "isolates the one arithmetic difference on CPU: the official forward casts each batch to fp16",
+            )
         t_off = time.perf_counter() - t0
         print(f"official run: {t_off:.0f} s (its output: {log})", flush=True)
         print("patches applied to the official code:")
