@@ -70,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="MoE: keep each expert's samples in batch order in the official dispatcher (its sort is unstable)",
     )
+    ap.add_argument(
+        "--dmnsp-reference-gram",
+        action="store_true",
+        help="DMNSP diagnosis: the project's Gram matrices summed per sample then over the batch, as the reference",
+    )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument(
         "--pretrained", help="tiny CLIP checkpoint (default results/pretrain/dmnsp-tiny.pt, made if missing)"

@@ -383,6 +383,23 @@ def settings(args, ckpt: str, seed: int) -> dict:
     }
 
 
+@contextlib.contextmanager
+def _reference_gram(on: bool):
+    """Diagnosis on the project's side (``--dmnsp-reference-gram``): its Gram matrices summed as the
+    reference sums them, one (D x D) product per sample over its tokens, then over the batch
+    (``torch.bmm(...).sum(0)``), instead of one product over all rows."""
+    import dmnsp.nullspace as ns
+
+    original = ns.gram
+    if on:
+        ns.gram = lambda a: torch.bmm(a.float().transpose(1, 2), a.float()).sum(0)
+        print("project-side diagnostic patch: dmnsp.nullspace.gram = per-sample bmm summed over the batch")
+    try:
+        yield
+    finally:
+        ns.gram = original
+
+
 def run(args, root: Path) -> dict:
     from common import table
     from parity_common import fmt, our_config, pretrained_checkpoint, run_ours
@@ -398,7 +415,8 @@ def run(args, root: Path) -> dict:
             flush=True,
         )
         t0 = time.perf_counter()
-        ours = run_ours(cfg)
+        with _reference_gram(args.dmnsp_reference_gram):
+            ours = run_ours(cfg)
         t_ours = time.perf_counter() - t0
         print(f"project run: {t_ours:.0f} s", flush=True)
         patches = Patches()

@@ -40,6 +40,7 @@ from parity_common import (
     fit_tiny_backbone,
     fmt,
     import_official,
+    load_checked,
     rounded,
     task_series,
     to_official_layout,
@@ -114,7 +115,8 @@ def run_official(
     order_file = work / "class_order.yaml"
     order_file.write_text(yaml.safe_dump({"class_order": [int(c) for c in session.scenario.class_order]}))
     weights = work / "tiny-openai-layout.pt"
-    torch.save(to_official_layout(ours.init_state, {}), weights)
+    mapped = to_official_layout(ours.init_state, {})
+    torch.save(mapped, weights)
     ctx_len = int(ours.init_state["positional_embedding"].shape[0])
     opts = cfg["rapf"]
     off_cfg = OmegaConf.create(
@@ -151,6 +153,15 @@ def run_official(
     def load_model(c, device):
         inst = original_load(c, device)
         fit_tiny_backbone(inst, session.model, patches)
+        # OpenAI's build_model casts the model to fp16 before loading (convert_weights) and clip.load
+        # casts it back on CPU: the project's fp32 checkpoint would come out fp16-rounded
+        load_checked(inst, mapped, lambda k: k.startswith(("adapter.", "old_adapter.")))
+        patches.note(
+            "tiny",
+            "the backbone weights copied again in float32 after clip.load",
+            "OpenAI's build_model loads the state dict into an fp16 model (convert_weights), harmless for "
+            "OpenAI's fp16 checkpoints but a rounding of the project's fp32 tiny one",
+        )
         inst.adapter = nn.Linear(dim, dim, bias=False)
         with torch.no_grad():
             inst.adapter.weight.copy_(
