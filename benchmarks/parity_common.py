@@ -76,8 +76,9 @@ OFFICIAL: dict[str, OfficialRepo] = {
             "continual_clip/models.py": ("class ClassIncrementalCLIP", "mix_matrix", "analyze_mean_cov"),
             "main.py": ("run_class_incremental", "hard_pairs"),
         },
-        ("omegaconf", "hydra", "continuum", "yaml", "tqdm", "clip"),
-        install="pip install omegaconf hydra-core continuum clip-anytorch (OpenAI's `clip` package)",
+        ("omegaconf", "hydra", "continuum", "yaml", "tqdm", "clip", "pkg_resources"),
+        install="pip install omegaconf hydra-core continuum clip-anytorch 'setuptools<80' "
+        "(clip-anytorch is OpenAI's `clip` package; it imports pkg_resources)",
     ),
 }
 

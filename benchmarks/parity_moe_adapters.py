@@ -129,8 +129,8 @@ def block_check(model_mod, ours_model: nn.Module, n_experts: int, adapter_dim: i
             if g is not None and g_theirs.get(k) is not None
         )
         out[f"{mode} B={batch}"] = {
-            "output_max_abs_diff": float((y_ours - y_theirs).abs().max()),
-            "output_scale": float(y_ours.abs().max()),
+            "output_max_abs_diff": float((y_ours - y_theirs).detach().abs().max()),
+            "output_scale": float(y_ours.detach().abs().max()),
             "grad_max_abs_diff": grad_diff,
         }
     return out
