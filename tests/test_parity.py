@@ -260,3 +260,35 @@ def test_exact_log_is_the_float32_whose_exp_is_closest(scale):
         neighbour = torch.nextafter(x, torch.tensor(direction))
         assert gap(x) <= gap(neighbour)
     assert gap(x) <= 1e-6 * scale
+
+
+def test_loader_factory_seeds_like_the_project():
+    from dmnsp.loaders import derive_seed
+
+    data = list(range(10))
+    state = {"task": 2}
+    factory = pc.LoaderFactory(7, state, ["loader", "basis"])
+    first = factory(data, batch_size=4, shuffle=True, num_workers=8)
+    second = factory(data, batch_size=4, shuffle=True, num_workers=8)
+    third = factory(data, batch_size=4, shuffle=True)
+    assert first.num_workers == 0  # one process: crops stay in the global stream
+    assert first.generator.initial_seed() == derive_seed(7, 2, "loader")
+    assert second.generator.initial_seed() == derive_seed(7, 2, "basis")
+    assert third.generator.initial_seed() == derive_seed(7, 2, "basis")  # the last purpose repeats
+    state["task"] = 3
+    assert factory(data, batch_size=4).generator.initial_seed() == derive_seed(7, 3, "loader")
+    # the same permutation as the project's own loader with that seed
+    from dmnsp.loaders import make_loader
+
+    ours = make_loader(data, 4, shuffle=True, seed=derive_seed(7, 2, "loader"), device=torch.device("cpu"))
+    again = pc.LoaderFactory(7, {"task": 2}, ["loader"])(data, batch_size=4, shuffle=True)
+    assert [b.tolist() for b in ours] == [b.tolist() for b in again]
+
+
+def test_loader_factory_reseeds_the_global_stream_for_evaluation():
+    from dmnsp.loaders import derive_seed
+
+    pc.LoaderFactory(1, {"task": 4}, ["eval"], reseed="eval")(list(range(3)), batch_size=2)
+    after = torch.rand(3)
+    torch.manual_seed(derive_seed(1, 4, "eval"))
+    assert torch.equal(after, torch.rand(3))
