@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("cpu", "cuda-foreach"),
         default="cpu",
         help="DMNSP/MoE AdamW order: cpu = both sides run torch's CPU AdamW (no patch); cuda-foreach = "
-        "the project's faithful CUDA order, the official AdamW patched to the same emulation",
+        "the project's faithful CUDA order, the official AdamW patched to the same emulation "
+        "(RAPF always compares torch's CPU Adam with the project's numerics: cpu)",
     )
     ap.add_argument(
         "--rapf-precision",
@@ -104,6 +105,33 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def seeds_summary(results: dict) -> list[str]:
+    """Avg and Last of both sides over the seeds run (mean, spread), and their per-seed gap: the
+    comparison that remains where the random streams cannot be aligned."""
+    import statistics
+
+    rows = []
+    per = {"ours": {"Avg": [], "Last": []}, "official": {"Avg": [], "Last": []}}
+    for seed in results["seeds"].values():
+        for side in per:
+            accs = [r[f"acc_{side}"] for r in seed["rows"]]
+            per[side]["Avg"].append(sum(accs) / len(accs))
+            per[side]["Last"].append(accs[-1])
+    n = len(results["seeds"])
+    rows.append(f"\nover {n} seed(s): Avg and Last, mean (min-max)")
+    for side, vals in per.items():
+        parts = [f"{k} {statistics.mean(v):.4f} ({min(v):.4f}-{max(v):.4f})" for k, v in vals.items()]
+        rows.append(f"  {side:8s} " + ", ".join(parts))
+    gaps = {
+        k: [a - b for a, b in zip(per["ours"][k], per["official"][k], strict=True)] for k in ("Avg", "Last")
+    }
+    rows.append(
+        "  ours - official per seed: "
+        + "; ".join(f"{k} " + ", ".join(f"{g:+.4f}" for g in v) for k, v in gaps.items())
+    )
+    return rows
+
+
 def use_project(path: str | None) -> None:
     """Import ``dmnsp`` from the checkout at ``path`` instead of this one."""
     if path is None:
@@ -129,6 +157,8 @@ def _run(args, root: Path) -> int:
     print(f"project code: {Path(dmnsp.__file__).parent.parent}", flush=True)
     t0 = time.perf_counter()
     results = harness.run(args, root)
+    for line in seeds_summary(results):
+        print(line)
     print(f"\nwall {time.perf_counter() - t0:.0f} s (2 shared cores: indicative only)")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

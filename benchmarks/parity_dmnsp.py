@@ -10,7 +10,6 @@ listed by :class:`parity_common.Patches` and printed with the results.
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 import tempfile
 import time
@@ -351,12 +350,6 @@ def _backbone_probe(session, init_state: dict, official_clip: nn.Module, clip_mo
     tokens = tokenize_prompts(session.bundle.tokenizer, names, cfg["prompt_template"])
     official_tokens = clip_mod.tokenize([cfg["prompt_template"].format(n) for n in names])
     return backbone_check(ref, probe, images, tokens, official_tokens)
-
-
-def silent(fn, *args, **kwargs):
-    """Call ``fn`` with its prints swallowed (the official constructors print per block)."""
-    with contextlib.redirect_stdout(io.StringIO()):
-        return fn(*args, **kwargs)
 
 
 # ------------------------------------------------------------------------------- the run

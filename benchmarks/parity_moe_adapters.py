@@ -473,6 +473,16 @@ def run(args, root: Path) -> dict:
             )
         )
         print(
+            "random streams: "
+            + (
+                "aligned (--moe-stable-dispatch)"
+                if args.moe_stable_dispatch
+                else "NOT aligned in training: the official SparseDispatcher orders each expert's samples with "
+                "an unstable sort, so its dropout masks fall on other samples (compare over seeds, or use "
+                "--moe-stable-dispatch); gate noise and evaluation are aligned"
+            )
+        )
+        print(
             table(
                 [
                     [

@@ -292,3 +292,22 @@ def test_loader_factory_reseeds_the_global_stream_for_evaluation():
     after = torch.rand(3)
     torch.manual_seed(derive_seed(1, 4, "eval"))
     assert torch.equal(after, torch.rand(3))
+
+
+def test_seeds_summary_compares_avg_and_last_over_seeds():
+    import parity
+
+    def rows(ours, official):
+        return [{"acc_ours": a, "acc_official": b} for a, b in zip(ours, official, strict=True)]
+
+    results = {
+        "seeds": {
+            0: {"rows": rows([1.0, 0.5], [1.0, 0.4])},  # Avg 0.75 / 0.70, Last 0.5 / 0.4
+            1: {"rows": rows([0.8, 0.6], [0.9, 0.6])},  # Avg 0.70 / 0.75, Last 0.6 / 0.6
+        }
+    }
+    text = "\n".join(parity.seeds_summary(results))
+    assert "over 2 seed(s)" in text
+    assert "ours     Avg 0.7250 (0.7000-0.7500), Last 0.5500 (0.5000-0.6000)" in text
+    assert "official Avg 0.7250 (0.7000-0.7500), Last 0.5000 (0.4000-0.6000)" in text
+    assert "Avg +0.0500, -0.0500; Last +0.1000, +0.0000" in text
