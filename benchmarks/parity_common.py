@@ -568,6 +568,14 @@ def run_ours(
         state = TaskState()
         for t in range(session.n_tasks):
             state, row, diag = session.run_task(t, state)
+            if (
+                len(run.preds) != t + 1
+                or abs(accuracy(run.preds[t], run.labels[t]) - row["accuracy"]) > 1e-12
+            ):
+                raise ParityError(
+                    f"task {t}: the recorded predictions are not those of the project's evaluation "
+                    f"({len(run.preds)} evaluations recorded); the harness no longer fits dmnsp.evaluate"
+                )
             run.rows.append(row)
             run.diags.append(diag)
             run.states.append(state)
