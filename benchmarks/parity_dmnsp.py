@@ -121,8 +121,8 @@ def run_official(
         inst = original_load(c, "cpu", origin_flag)
         fit_tiny_backbone(inst.model, session.model, patches)
         fit_adapter_width(inst.model, cfg["adapter_dim"], patches)
-        align_logit_scale(inst.model, our_logit_scale(cfg, session.model), patches)
         load_checked(inst.model, mapped, lambda k: k.endswith((".mean", ".std")))
+        align_logit_scale(inst.model, our_logit_scale(cfg, session.model), patches)  # after the load
         state["backbone"] = _backbone_probe(session, ours.init_state, inst.model, clip_mod, cfg)
         original_adaptation, original_forward = inst.adaptation, inst.forward
 

@@ -207,8 +207,8 @@ def run_official(
         inst = original_load(c, device)
         fit_tiny_backbone(inst.model, session.model, patches)
         fit_expert_width([b for _, b in official_blocks(inst.model)], cfg["adapter_dim"], patches)
-        align_logit_scale(inst.model, our_logit_scale(cfg, session.model), patches)
         load_checked(inst.model, mapped, _alias)
+        align_logit_scale(inst.model, our_logit_scale(cfg, session.model), patches)  # after the load
         gate_log: dict[tuple[str, int], list[torch.Tensor]] = {}
         for tower, blocks in (
             ("visual", inst.model.visual.transformer.resblocks),
