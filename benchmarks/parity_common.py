@@ -288,6 +288,13 @@ def align_logit_scale(clip_model, our_scale: float, patches: Patches) -> None:
     )
 
 
+def check_logit_scale(clip_model, our_scale: float) -> None:
+    """The official model's logit factor is still the project's (nothing reloaded it since)."""
+    theirs = float(clip_model.logit_scale.detach().exp())
+    if abs(theirs - our_scale) > 1e-5 * our_scale:
+        raise ParityError(f"the official model's logit scale is {theirs:.6g}, the project's {our_scale:.6g}")
+
+
 def our_logit_scale(cfg: Mapping[str, Any], model) -> float:
     """The factor the project's code under test puts on the logits for this config and model."""
     import dmnsp.model as dm

@@ -26,6 +26,7 @@ from parity_common import (
     TaskSeries,
     align_logit_scale,
     captured_locals,
+    check_logit_scale,
     cpu_patches,
     fit_tiny_backbone,
     import_official,
@@ -131,6 +132,7 @@ def run_official(
             torch.manual_seed(derive_seed(seed, task_id, "train"))  # the project reseeds per task
             n_before = len(captured)
             original_adaptation(task_id, *args, **kwargs)
+            check_logit_scale(inst.model, our_logit_scale(cfg, session.model))
             frame = captured[-1] if len(captured) > n_before else {}
             records.append(_snapshot(inst, frame, task_id))
 

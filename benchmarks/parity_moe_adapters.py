@@ -35,6 +35,7 @@ from parity_common import (
     accuracy,
     agreement,
     align_logit_scale,
+    check_logit_scale,
     cpu_patches,
     fit_tiny_backbone,
     fmt,
@@ -228,6 +229,7 @@ def run_official(
             gate_log.clear()
             torch.manual_seed(derive_seed(seed, task_id, "train"))  # the project reseeds per task
             original_adaptation(task_id, *args, **kwargs)
+            check_logit_scale(inst.model, our_logit_scale(cfg, session.model))
             records.append(_snapshot(inst, gate_log, task_id))
 
         def forward(image, taskid):

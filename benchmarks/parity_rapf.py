@@ -37,6 +37,7 @@ from parity_common import (
     accuracy,
     agreement,
     align_logit_scale,
+    check_logit_scale,
     fit_tiny_backbone,
     fmt,
     import_official,
@@ -175,6 +176,7 @@ def run_official(
             torch.manual_seed(derive_seed(seed, task_id, "train"))  # the project reseeds per task
             random.seed(derive_seed(seed, task_id, "rapf"))  # ... and its epoch shuffles
             original_adaptation(task_id, *args, **kwargs)
+            check_logit_scale(inst, 100.0 if _fixed_scale() else float(inst.logit_scale.exp()))
             pairs = [] if inst.hard_pairs is None else inst.hard_pairs.tolist()
             records.append({"task": task_id, "hard_pairs": pairs, "preds": []})
 

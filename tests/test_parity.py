@@ -311,3 +311,18 @@ def test_seeds_summary_compares_avg_and_last_over_seeds():
     assert "ours     Avg 0.7250 (0.7000-0.7500), Last 0.5500 (0.5000-0.6000)" in text
     assert "official Avg 0.7250 (0.7000-0.7500), Last 0.5000 (0.4000-0.6000)" in text
     assert "Avg +0.0500, -0.0500; Last +0.1000, +0.0000" in text
+
+
+def test_logit_scale_alignment_is_checked_after_the_fact():
+    model = torch.nn.Module()
+    model.logit_scale = torch.nn.Parameter(torch.tensor(float(np.log(14.2857))))
+    patches = pc.Patches()
+    pc.align_logit_scale(model, 100.0, patches)
+    pc.check_logit_scale(model, 100.0)
+    assert "log(100)" in patches.lines()[0]
+    model.logit_scale.data.fill_(float(np.log(14.2857)))  # e.g. a weight load after the patch
+    with pytest.raises(pc.ParityError, match="logit scale is 14.28"):
+        pc.check_logit_scale(model, 100.0)
+    same = pc.Patches()
+    pc.align_logit_scale(model, float(model.logit_scale.exp()), same)
+    assert same.items == []  # nothing to align, nothing listed
