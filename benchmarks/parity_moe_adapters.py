@@ -179,7 +179,10 @@ def run_official(
     order_file.write_text(yaml.safe_dump({"class_order": [int(c) for c in session.scenario.class_order]}))
     weights = work / "tiny-openai-layout.pt"
     mapped = to_official_layout(ours.init_state, adapter_names(n_experts))
-    torch.save(mapped, weights)
+    # the backbone only: the adapters are copied after clip.load, once their width fits
+    torch.save(
+        to_official_layout({k: v for k, v in ours.init_state.items() if ".adapter." not in k}, {}), weights
+    )
     ctx_len = int(ours.init_state["positional_embedding"].shape[0])
     off_cfg = OmegaConf.create(
         {
