@@ -2,9 +2,10 @@
 short tiny run of every method does.
 
 tests/test_reference_method.py restates the null-space maths; this file restates the *loop* around
-it, where one-line bugs pass every maths test. Nothing here imports the helpers under test (no
-``clip_logits``, no loaders, no scenario helpers, no metrics, no transforms of dmnsp): the run is
-driven through its entry points (config validation, ``Session.run_task``) and watched from outside:
+it, where one-line bugs pass every maths test. No expectation here comes from the helpers under
+test (no ``clip_logits``, loaders, scenario helpers, metrics or transforms of dmnsp; the run's
+metrics are computed by ``dmnsp.metrics`` only to be checked): the run is driven through its entry
+points (config validation, ``Session.run_task``) and watched from outside:
 
 - every image the datasets hand out (a recording wrapper around the raw train and test sets);
 - every pass of each tower (the model's ``encode_image`` / ``encode_text`` wrapped: inputs,

@@ -3,8 +3,10 @@
 
 From task 1 on, the first batch's adapter outputs give the dynamic coefficients and the projection
 plan (fixed for the task); every step then passes the visual adapter weights' gradients (or, in
-clean mode, AdamW's update) through all layers' operators. After the task, one shuffled batch of
-its images gives the new per-layer null-space bases, the state kept in the checkpoint.
+clean mode, AdamW's update) through all layers' operators, one layer's basis at a time as the
+reference does (``projection.order: reference``) or through their precomputed product
+(``composite``). After the task, one shuffled batch of 128 of its training images (whatever
+``batch_size`` is) gives the new per-layer null-space bases, the state kept in the checkpoint.
 """
 
 from __future__ import annotations
