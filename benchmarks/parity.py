@@ -27,7 +27,9 @@ METHODS = tuple(OFFICIAL)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(
+        description="the project's method beside the official repository's own code, on CPU with the tiny CLIP"
+    )
     ap.add_argument("--method", required=True, choices=METHODS)
     ap.add_argument("--official", help="local checkout of the method's official repository")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
