@@ -166,12 +166,15 @@ def cmd_train_task(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
+    from . import guard
     from .adapters import load_adapter_state_dict
     from .checkpoint import load_checkpoint
     from .io import atomic_write_json
     from .runner import Session, check_state_fits
 
     cfg = _load(args)
+    if args.out:
+        guard.check_evaluation_out(args.out)
     state = load_checkpoint(args.checkpoint, cfg)
     session = Session(cfg, progress=not args.quiet)
     check_state_fits(session.model, state, args.checkpoint, cfg)

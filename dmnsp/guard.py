@@ -14,7 +14,10 @@
   holding this config's finished tasks without the files a run writes at its end (a run killed
   there) is finished, not trained again.
 * :func:`check_task_dir` (``dmnsp train-task``): a task never writes into its ``--resume``
-  checkpoint's folder, over another task's results, nor over another config's finished task.
+  checkpoint's folder, over another task's results, over another config's finished task, nor
+  into a run folder prepared for another config.
+* Task folders that are symbolic links are refused by every trainer (never written through), and
+  ``dmnsp evaluate --out`` never replaces a run's own records.
 
 Errors are :class:`~dmnsp.config.ConfigError` (one line, exit 2 at the CLI).
 """
@@ -237,6 +240,7 @@ def claim_run_dir(run: str | Path, cfg: dict, overwrite: bool = False) -> bool:
         the run is to be trained.
     """
     run = Path(run)
+    _linked_task_folders(run, remove=overwrite)
     results = layout.run_results(run)
     if not results:
         return True
@@ -301,28 +305,84 @@ def check_task_dir(out_dir: str | Path, task: int, resume: str | Path | None, cf
     """``dmnsp train-task``: refuse an ``--out-dir`` that is the ``--resume`` checkpoint's folder, that
     holds another task's results (each task has its own folder, ``<run>/task<t>``), or that holds
     task ``task`` finished by another config (its ``eval.json``'s ``config_hash``, else the
-    checkpoint beside it). The same config's finished task is trained again (a rerun of the job)."""
+    checkpoint beside it), that is a symbolic link, or that is a task folder of a run prepared for
+    another config (its ``run.json``). The same config's finished task is trained again (a rerun
+    of the job)."""
     out = Path(out_dir)
+    _refuse_link(out)
     if resume is not None and out.resolve() == Path(resume).resolve().parent:
         raise ConfigError(
             f"--out-dir {out_dir} is the folder of the --resume checkpoint (task {task - 1}'s results); "
             f"task {task} writes into its own folder, e.g. {layout.task_dir(out.parent, task)}"
         )
     evaluation = out / layout.EVAL
-    if not evaluation.is_file():
-        return
-    record = layout.eval_record_claims(evaluation)
-    done = record.get("task")
-    if done != task:
+    if evaluation.is_file():
+        record = layout.eval_record_claims(evaluation)
+        done = record.get("task")
+        if done != task:
+            raise ConfigError(
+                f"--out-dir {out_dir} holds the results of task {done} ({evaluation}); task {task} "
+                f"writes into its own folder, e.g. {layout.task_dir(out.parent, task)}"
+            )
+        other = _other_task_config(out, record, task, cfg)
+        if other is not None:
+            raise ConfigError(
+                f"{out} holds the finished task {task} of {other}; train this config in another run folder, "
+                f"or delete {out} to replace that task by this config's"
+            )
+    _refuse_other_run(out, cfg)
+
+
+def _refuse_link(folder: Path) -> None:
+    """A task folder that is a symbolic link would take this run's files out of the run folder
+    (into whatever it points at): refused, never followed."""
+    if folder.is_symlink():
         raise ConfigError(
-            f"--out-dir {out_dir} holds the results of task {done} ({evaluation}); task {task} "
-            f"writes into its own folder, e.g. {layout.task_dir(out.parent, task)}"
+            f"{folder} is a symbolic link (to {os.readlink(folder)}); dmnsp writes a task's results only "
+            "into a real folder inside its run folder: remove the link and run again"
         )
-    other = _other_task_config(out, record, task, cfg)
-    if other is not None:
+
+
+def _linked_task_folders(run: Path, remove: bool) -> None:
+    """Task folders of ``run`` that are links: refused, or (``--overwrite``) the links removed,
+    never what they point to."""
+    if not run.is_dir():
+        return
+    for child in sorted(run.iterdir()):
+        if layout.is_task_dir_name(child.name):
+            if remove and child.is_symlink():
+                child.unlink()
+            _refuse_link(child)
+
+
+def _refuse_other_run(out: Path, cfg: dict) -> None:
+    """A one-task job's folder ``RUN/task<t>`` inside a run folder prepared for another config
+    (its ``run.json``): refused even before that task has results, so no run mixes two configs."""
+    if not layout.is_task_dir_name(out.name):
+        return
+    info = layout.read_run_info(out.parent)
+    if info is None:
+        return
+    mine = config_hash(cfg)
+    if info.get("config_hash") != mine:
         raise ConfigError(
-            f"{out} holds the finished task {task} of {other}; train this config in another run folder, "
-            f"or delete {out} to replace that task by this config's"
+            f"{out.parent} is the run folder of {_other(out.parent, info, cfg)}, not of this config "
+            f"(config_hash {mine}); train this config in another run folder"
+        )
+
+
+def check_evaluation_out(out: str | Path) -> None:
+    """``dmnsp evaluate --out``: never over a run's own records (a task's eval.json, a run's
+    metrics), which only the training jobs write, nor through a link."""
+    path = Path(out)
+    if path.is_symlink():
+        raise ConfigError(f"--out {out} is a symbolic link; write the evaluation to a plain file path")
+    own = set(layout.TASK_FILES) | set(layout.RUN_END_FILES) | {layout.RUN_INFO, layout.CONFIG, layout.LOCK}
+    in_run = layout.is_task_dir_name(path.parent.name) or (path.parent / layout.RUN_INFO).is_file()
+    if path.name in own and in_run:
+        raise ConfigError(
+            f"--out {out} is a run's own record ({path.name}), written only by its training jobs; "
+            "write the evaluation elsewhere, e.g. --out evaluation.json"
         )
 
 

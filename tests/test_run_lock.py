@@ -497,3 +497,92 @@ def test_an_empty_path_is_refused_in_one_line(config, tmp_path, monkeypatch, cap
     if option is not None and option != "--runs":
         assert f"{option} is empty" in err
     assert list(tmp_path.iterdir()) == []  # nothing written, nothing run
+
+
+# ------------------------------------------------------------------------------- links and other runs
+@pytest.mark.parametrize("how", ["run", "train-task --task 0", "train-task --tasks 0-1"])
+def test_a_task_folder_that_is_a_link_is_never_written_through(config, tmp_path, capsys, how):
+    """A fresh run folder whose task0 is a link to a folder outside it: every trainer refuses in
+    one line and the link's target stays as it was (empty)."""
+    run, outside = tmp_path / "run", tmp_path / "outside"
+    outside.mkdir()
+    run.mkdir()
+    (run / "task0").symlink_to(outside)
+    argv = {
+        "run": ["run", "--quiet", "--config", str(config), "--out-dir", str(run)],
+        "train-task --task 0": [
+            "train-task",
+            "--quiet",
+            "--config",
+            str(config),
+            "--task",
+            "0",
+            "--out-dir",
+            str(run / "task0"),
+        ],
+        "train-task --tasks 0-1": [
+            "train-task",
+            "--quiet",
+            "--config",
+            str(config),
+            "--tasks",
+            "0-1",
+            "--run-dir",
+            str(run),
+        ],
+    }[how]
+    assert main(argv) == 2
+    err = one_line_error(capsys)
+    assert f"{run / 'task0'} is a symbolic link (to {outside})" in err and "remove the link" in err
+    assert list(outside.iterdir()) == []
+    assert (run / "task0").is_symlink()
+
+
+def test_a_one_task_job_into_another_configs_run_folder_is_refused(config, tmp_path, capsys):
+    """The run folder was prepared for seed 0; a job of seed 7 into its (still empty) task folder
+    would mix two configs in one run: refused before training, naming both hashes."""
+    run = tmp_path / "run"
+    assert main(["prepare-run", "--config", str(config), "--experiment", "cli", "--out-dir", str(run)]) == 0
+    before = snapshot(run)
+    theirs = config_hash(load_config(config))
+    mine = config_hash(load_config(config, {"seed": 7}))
+    argv = ["train-task", "--quiet", "--config", str(config), "--set", "seed=7", "--task", "0"]
+    assert main([*argv, "--out-dir", str(run / "task0")]) == 2
+    err = one_line_error(capsys)
+    assert f"{run} is the run folder of another config (config_hash {theirs}" in err
+    assert "seed: 0 != 7" in err and f"not of this config (config_hash {mine})" in err
+    assert snapshot(run) == before
+    # a task folder outside any prepared run folder is the user's own choice
+    guard.check_task_dir(tmp_path / "elsewhere" / "task0", 0, None, load_config(config, {"seed": 7}))
+
+
+def test_evaluate_never_replaces_a_runs_own_records(config, started, tmp_path, capsys):
+    run = copy_of(started, tmp_path)
+    before = snapshot(run)
+    checkpoint = str(run / "task0" / layout.CHECKPOINT)
+    for target in (run / "task0" / layout.EVAL, run / layout.RUN_INFO, run / "task0" / layout.CHECKPOINT):
+        assert (
+            main(
+                [
+                    "evaluate",
+                    "--quiet",
+                    "--config",
+                    str(config),
+                    "--checkpoint",
+                    checkpoint,
+                    "--out",
+                    str(target),
+                ]
+            )
+            == 2
+        )
+        err = one_line_error(capsys)
+        assert f"is a run's own record ({target.name})" in err and "write the evaluation elsewhere" in err
+    link = tmp_path / "link.json"
+    link.symlink_to(run / "task0" / layout.EVAL)
+    assert (
+        main(["evaluate", "--quiet", "--config", str(config), "--checkpoint", checkpoint, "--out", str(link)])
+        == 2
+    )
+    assert "is a symbolic link" in one_line_error(capsys)
+    assert snapshot(run) == before
