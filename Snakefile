@@ -1,44 +1,37 @@
-# dmnsp workflow: class-incremental CLIP experiments (DMNSP, baselines, ablations).
+# dmnsp workflow, run from the repository root:
 #
 #   snakemake --cores 2                                          # embedded default (config/config.yaml)
 #   snakemake --cores 8 --configfile config/paper/cifar100-10-10.yaml
 #   snakemake --workflow-profile workflow/profiles/default       # workstation profile
 #   snakemake --report report.html                               # tables and plots, captioned
 #
-# A config given with --configfile replaces config/config.yaml (it is not merged into it), so
-# each file under config/ describes a complete set of experiments. See config/README.md.
+# The workflow itself is workflow/Snakefile, its entry point for the Snakemake workflow catalog.
+# This file uses it as a module, exactly as a deployment made by snakedeploy does (README.md,
+# "Deploying the workflow"); `snakemake -s workflow/Snakefile` runs the same rules. A config given
+# with --configfile replaces config/config.yaml (it is not merged into it). See config/README.md.
 
-from snakemake.utils import min_version, validate
+import os
+
+from snakemake.utils import min_version
 
 min_version("9.0")
 
+
+# The working directory's config/config.yaml, else the one beside this file.
+DEFAULT_CONFIG = "config/config.yaml"
+if not os.path.exists(DEFAULT_CONFIG):
+    DEFAULT_CONFIG = workflow.source_path(DEFAULT_CONFIG)
+
 if not workflow.overwrite_configfiles:
 
-    configfile: "config/config.yaml"
+    configfile: DEFAULT_CONFIG
 
 
-validate(config, "workflow/schemas/config.schema.yaml")
+module dmnsp:
+    snakefile:
+        "workflow/Snakefile"
+    config:
+        config
 
 
-include: "workflow/rules/common.smk"
-include: "workflow/rules/train.smk"
-include: "workflow/rules/evaluate.smk"
-include: "workflow/rules/aggregate.smk"
-
-
-# Optuna hyperparameter search: only when the config's `search.enabled` is true (see config/README.md).
-if config.get("search", {}).get("enabled"):
-
-    include: "workflow/rules/search.smk"
-
-
-localrules:
-    all,
-    prepare_run,
-    compute_metrics,
-
-
-rule all:
-    default_target: True
-    input:
-        get_final_outputs(),
+use rule * from dmnsp
