@@ -15,6 +15,7 @@ import time
 from functools import cache
 from pathlib import Path
 
+import deployment as deployment_helpers
 import pandas as pd
 import pytest
 import yaml
@@ -38,9 +39,13 @@ N_TASKS = {
 ENV = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
 
 
-def snakemake(*args: str, cwd: Path, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
-    """Run snakemake on the repository's Snakefile with ``cwd`` as working directory."""
-    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(SNAKEFILE), "--directory", str(cwd), *args]
+def snakemake(
+    *args: str, cwd: Path, timeout: float = 300, check: bool = True, snakefile: Path | None = SNAKEFILE
+) -> subprocess.CompletedProcess:
+    """Run snakemake on the repository's Snakefile (``snakefile=None``: the one Snakemake finds in
+    ``cwd``, e.g. a deployment's workflow/Snakefile) with ``cwd`` as working directory."""
+    which = ["--snakefile", str(snakefile)] if snakefile is not None else []
+    cmd = [sys.executable, "-m", "snakemake", *which, "--directory", str(cwd), *args]
     proc = subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
@@ -275,6 +280,17 @@ def mini_config(tmp: Path, data_root: Path, **run_changes) -> Path:
     return path
 
 
+def report_categories(html: str) -> dict[str, dict[str, list[str]]]:
+    """The HTML report's categories: {category: {subcategory: [file names]}} (its `categories` script)."""
+    found = re.search(r"var categories = (\{.*?\});\s*</script>", html, re.DOTALL)
+    assert found, "no categories in the report"
+    raw = json.loads(found.group(1))
+    return {
+        cat: {sub: sorted(Path(f).name for f in files) for sub, files in subs.items()}
+        for cat, subs in raw.items()
+    }
+
+
 def final_metrics(workdir: Path) -> dict[str, dict]:
     out = {}
     for path in sorted((workdir / "results" / "test" / "runs").rglob("metrics.json")):
@@ -299,14 +315,31 @@ def data_root(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory, data_root):
-    """The miniature config run once through snakemake --cores 2."""
-    workdir = tmp_path_factory.mktemp("mini")
+def deployment(tmp_path_factory):
+    """The workflow deployed as the catalog's standardized usage does (tests/deployment.py): a
+    clone of this working tree tagged v<version>, snakedeploy deploy-workflow into an empty folder."""
+    source, tag = deployment_helpers.tagged_source(tmp_path_factory.mktemp("release"))
+    dest = tmp_path_factory.mktemp("deployed")
+    written = deployment_helpers.deploy(source, tag, dest)
+    return dest, source, tag, written
+
+
+@pytest.fixture(scope="module")
+def finished_run(deployment, data_root):
+    """The miniature config run once through snakemake --cores 2 in the deployed copy (Snakemake
+    finds its workflow/Snakefile, which uses the tagged workflow as a module)."""
+    workdir = deployment[0]
     config = mini_config(workdir, data_root)
+    (workdir / "config" / "config.yaml").write_text(config.read_text())  # the deployment's own config
     start = time.perf_counter()
-    proc = snakemake("--cores", "2", "--configfile", str(config), cwd=workdir, timeout=300)
+    proc = snakemake("--cores", "2", cwd=workdir, timeout=300, snakefile=None)
     (workdir / "snakemake.stderr").write_text(proc.stderr)  # the console, as the user saw it
     return workdir, config, time.perf_counter() - start
+
+
+def deployed(*args: str, cwd: Path, **kwargs) -> subprocess.CompletedProcess:
+    """snakemake in a deployment (its workflow/Snakefile)."""
+    return snakemake(*args, cwd=cwd, snakefile=None, **kwargs)
 
 
 @pytest.mark.slow
@@ -339,12 +372,24 @@ def test_miniature_workflow_end_to_end(finished_run):
         assert (workdir / run_dir / "accuracy_matrix.csv").is_file()
         # keep_checkpoints: false → checkpoints are temporary and gone once used.
         assert not list((workdir / run_dir).rglob("checkpoint.pt"))
-    # Nothing left to do; the report builds.
-    proc = snakemake("-n", "--configfile", str(config), cwd=workdir)
+    # Nothing left to do; the report builds, each file under its dataset / split, then Tables,
+    # Plots or Diagnostics, with its caption.
+    proc = deployed("-n", "--configfile", str(config), cwd=workdir)
     assert "Nothing to be done" in proc.stdout + proc.stderr
-    snakemake("--report", "report.html", "--configfile", str(config), cwd=workdir)
+    deployed("--report", "report.html", "--configfile", str(config), cwd=workdir)
     html = (workdir / "report.html").read_text(errors="replace")
     assert "summary.csv" in html and ".png" in html
+    categories = report_categories(html)
+    assert set(categories) == {"fashion-mnist / 6-4"}, categories
+    files = categories["fashion-mnist / 6-4"]
+    assert set(files) == {"Tables", "Plots", "Diagnostics"}, files
+    assert {"summary.csv", "runs.csv", "hyperparameters.csv"} <= set(files["Tables"])
+    assert {"accuracy_curves_fashion-mnist_6-4.png", "accuracy_matrix_fashion-mnist_6-4.png"} <= set(
+        files["Plots"]
+    )
+    assert "diagnostics_fashion-mnist_6-4.png" in files["Diagnostics"]
+    assert any(name.startswith("lambda_") for name in files["Diagnostics"])
+    assert "Projection diagnostics of experiment test per task" in html  # the diagnostics' own caption
     # Health: the miniature's 3-step pretraining leaves runs near chance. Whatever the runs'
     # flags are, the aggregate job's warnings reach the console and the report's inline table.
     runs = pd.read_csv(tables / "runs.csv", keep_default_na=False)
@@ -363,7 +408,7 @@ def test_changing_a_hyperparameter_reruns_only_affected_runs(finished_run, data_
     workdir, _, _ = finished_run
     # TOP_K_RATIO is read by dmnsp only: zeroshot and finetune stay done.
     changed = mini_config(tmp_path, data_root, TOP_K_RATIO=0.2)
-    proc = snakemake("-n", "--quiet", "rules", "--configfile", str(changed), cwd=workdir)
+    proc = deployed("-n", "--quiet", "rules", "--configfile", str(changed), cwd=workdir)
     counts = job_counts(proc.stdout + proc.stderr)
     assert counts == {
         "prepare_run": 1,
@@ -460,7 +505,7 @@ def test_report_renders_in_headless_chromium(finished_run):
     workdir, config, _ = finished_run
     report = workdir / "report.html"
     if not report.is_file():
-        snakemake("--report", "report.html", "--configfile", str(config), cwd=workdir)
+        deployed("--report", "report.html", "--configfile", str(config), cwd=workdir)
     flags = [
         "--headless",
         "--no-sandbox",

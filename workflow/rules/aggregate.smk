@@ -66,10 +66,15 @@ rule aggregate_results:
         mem_mb=job_resource("aggregate_results", "mem_mb"),
         runtime=job_resource("aggregate_results", "runtime"),
     params:
-        runs=get_run_dirs,
+        root=get_results_root,
+        runs=get_run_names,
+        tables=get_tables_dir,
+        plots=get_plots_dir,
         expected_seeds=get_expected_seeds,
-    # Health warnings (runs collapsed or at chance, every method identical) also reach the console.
+    # Runs are read from the folder that holds results/ for this job (Snakemake's local copy under
+    # remote storage) and named in the tables as results/<experiment>/runs/<run>. Health warnings
+    # (runs collapsed or at chance, every method identical) also reach the console.
     shell:
-        "python -m dmnsp report-artifacts --runs {params.runs} --tables-dir $(dirname {output.summary_csv})"
-        " --plots-dir {output.plots} --expected-seeds {params.expected_seeds} > {log} 2>&1;"
+        "(cd {params.root} && python -m dmnsp report-artifacts --runs {params.runs} --tables-dir {params.tables}"
+        " --plots-dir {params.plots} --expected-seeds {params.expected_seeds}) > {log} 2>&1;"
         " grep -h 'warning:' {log} >&2 || true"

@@ -125,9 +125,39 @@ def get_resume_option(wildcards, input):
     return f"--resume {input.resume}" if "resume" in input.keys() else ""
 
 
-def get_run_dirs(wildcards, input):
-    """Run folders of an experiment, from its metrics files."""
-    return " ".join(os.path.dirname(path) for path in input.metrics)
+def get_run_names(wildcards):
+    """Run folders of an experiment as the tables name them: results/<experiment>/runs/<run>."""
+    from shlex import quote
+
+    return " ".join(quote(run.run_dir) for run in get_experiment_runs(wildcards))
+
+
+def get_results_root(wildcards, input):
+    """The folder that holds this job's copy of results/: "." on a shared file system, Snakemake's
+    local storage folder under remote storage (its inputs keep their paths below it)."""
+    from shlex import quote
+
+    physical = os.path.normpath(input.metrics[0])
+    logical = os.path.normpath(
+        layout.run_file(get_experiment_runs(wildcards)[0].run_dir, layout.METRICS)
+    )
+    if physical == logical:
+        return "."
+    if not physical.endswith(os.sep + logical):
+        raise WorkflowError(f"input {physical} is not a copy of {logical}")
+    return quote(physical[: -len(logical) - 1])
+
+
+def get_tables_dir(wildcards, output):
+    from shlex import quote
+
+    return quote(os.path.abspath(os.path.dirname(output.summary_csv)))
+
+
+def get_plots_dir(wildcards, output):
+    from shlex import quote
+
+    return quote(os.path.abspath(output.plots))
 
 
 def get_expected_seeds(wildcards):
