@@ -10,21 +10,14 @@
 # "Deploying the workflow"); `snakemake -s workflow/Snakefile` runs the same rules. A config given
 # with --configfile replaces config/config.yaml (it is not merged into it). See config/README.md.
 
-import os
-
 from snakemake.utils import min_version
 
 min_version("9.0")
 
 
-# The working directory's config/config.yaml, else the one beside this file.
-DEFAULT_CONFIG = "config/config.yaml"
-if not os.path.exists(DEFAULT_CONFIG):
-    DEFAULT_CONFIG = workflow.source_path(DEFAULT_CONFIG)
-
 if not workflow.overwrite_configfiles:
 
-    configfile: DEFAULT_CONFIG
+    configfile: "config/config.yaml"
 
 
 module dmnsp:

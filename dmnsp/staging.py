@@ -59,7 +59,7 @@ def data_folder(dataset: str, root: str) -> str:
     """The folder a dataset's files live in: ``<root>/<DATA_FOLDERS[dataset]>`` (normalised)."""
     root = os.path.normpath(os.path.expanduser(root))
     sub = DATA_FOLDERS[dataset]
-    return os.path.join(root, sub) if sub else root
+    return os.path.normpath(os.path.join(root, sub)) if sub else root
 
 
 def data_root(dataset: str, folder: str) -> str:

@@ -332,7 +332,7 @@ def finished_run(deployment, data_root):
     config = mini_config(workdir, data_root)
     (workdir / "config" / "config.yaml").write_text(config.read_text())  # the deployment's own config
     start = time.perf_counter()
-    proc = snakemake("--cores", "2", cwd=workdir, timeout=300, snakefile=None)
+    proc = snakemake("--cores", "2", cwd=workdir, timeout=900, snakefile=None)
     (workdir / "snakemake.stderr").write_text(proc.stderr)  # the console, as the user saw it
     return workdir, config, time.perf_counter() - start
 
@@ -466,6 +466,208 @@ def test_killed_workflow_resumes_to_the_same_metrics(finished_run, data_root, tm
     assert set(resumed) == set(reference) and len(resumed) == 3
     for run_dir in reference:
         assert accuracy_only(resumed[run_dir]) == accuracy_only(reference[run_dir]), run_dir
+
+
+# ------------------------------------------------------------------------------ deployment
+
+
+@pytest.mark.slow
+def test_snakedeploy_writes_the_module_deployment(deployment, finished_run):
+    """snakedeploy deploy-workflow <tagged clone> <empty folder> --tag v<version>: config/ copied, a
+    workflow/Snakefile that uses the tagged workflow as a module; the miniature ran from there."""
+    dest, source, tag, written = deployment
+    assert tag == f"v{deployment_helpers.version()}"
+    assert 'configfile: "config/config.yaml"' in written
+    assert "module dmnsp:" in written and "use rule * from dmnsp" in written
+    # snakedeploy 0.17.1's local provider: the bare path, replaced by gitfile(<clone>, ..., tag)
+    assert deployment_helpers.LOCAL_DECLARATION in written
+    assert (dest / "config" / "paper" / "cifar100-10-10.yaml").is_file()
+    assert sorted(p.name for p in (dest / "workflow").iterdir()) == ["Snakefile"]  # rules come from the tag
+    tables = dest / "results" / "test" / "tables"
+    assert {"summary.csv", "runs.csv", "hyperparameters.csv"} <= {p.name for p in tables.iterdir()}
+    assert len(final_metrics(dest)) == 3
+
+
+def test_conda_env_installs_the_workflows_own_version(tmp_path):
+    """envs/dmnsp.yaml's last pip line is ${DMNSP_PACKAGE}; the workflow sets it to the source it was
+    read from (workflow/rules/package.smk). For a module from a clone at a tag, pip resolves that line
+    to this package at the tag's version; the env file names the version, so a release gets a new env."""
+    env = yaml.safe_load((ROOT / "workflow" / "envs" / "dmnsp.yaml").read_text())
+    pip_lines = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    assert pip_lines[-1] == "${DMNSP_PACKAGE}"
+    header = (ROOT / "workflow" / "envs" / "dmnsp.yaml").read_text()
+    assert f"# dmnsp version: {deployment_helpers.version()}\n" in header
+    source, tag = deployment_helpers.tagged_source(tmp_path / "release")
+    # A workflow that includes package.smk from the clone at the tag, as a module would read it.
+    (tmp_path / "Snakefile").write_text(
+        f'include: gitfile("{source}", path="workflow/rules/package.smk", tag="{tag}")\n\n'
+        "rule requirement:\n    output: 'requirement.txt'\n    shell: 'echo \"$DMNSP_PACKAGE\" > {output}'\n"
+    )
+    snakemake("--cores", "1", cwd=tmp_path, snakefile=tmp_path / "Snakefile", timeout=120)
+    requirement = (tmp_path / "requirement.txt").read_text().strip()
+    assert requirement == f"dmnsp @ git+file://{source}@{tag}"
+    (tmp_path / "requirements.txt").write_text(pip_lines[-1] + "\n")  # what conda hands to pip
+    report = tmp_path / "report.json"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--dry-run", "--no-deps", "--no-build-isolation", "-q"]
+        + ["--report", str(report), "-r", str(tmp_path / "requirements.txt")],
+        env={**ENV, "DMNSP_PACKAGE": requirement},
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    (install,) = json.loads(report.read_text())["install"]
+    assert install["metadata"]["name"] == "dmnsp"
+    assert install["metadata"]["version"] == deployment_helpers.version()
+    assert install["download_info"]["vcs_info"]["requested_revision"] == tag
+
+
+# ------------------------------------------------------------------------------ remote storage
+
+S3_ENV = {
+    "AWS_ACCESS_KEY_ID": "dmnsp-test",
+    "AWS_SECRET_ACCESS_KEY": "dmnsp-test",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_CONFIG_FILE": "/nonexistent",  # nothing from this machine's AWS settings
+    "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
+}
+
+
+@pytest.fixture(scope="module")
+def s3_server():
+    """A local S3 server (moto in server mode) on 127.0.0.1; yields its endpoint URL."""
+    import socket
+
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+
+
+def s3_client(endpoint: str):
+    import boto3
+
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name=S3_ENV["AWS_DEFAULT_REGION"],
+        aws_access_key_id=S3_ENV["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=S3_ENV["AWS_SECRET_ACCESS_KEY"],
+    )
+
+
+def table_digest(text: str) -> str:
+    """sha256 of a table without its timing and memory columns (they differ between identical runs)."""
+    import hashlib
+    import io
+
+    df = pd.read_csv(io.StringIO(text), keep_default_na=False)
+    df = df[[c for c in df.columns if not re.search(r"seconds|mem_mb", c)]]
+    return hashlib.sha256(df.to_csv(index=False).encode()).hexdigest()[:16]
+
+
+@pytest.mark.slow
+def test_remote_storage_s3_kill_and_resume_through_the_bucket(finished_run, s3_server, tmp_path_factory):
+    """With --default-storage-provider s3 every job reads only its inputs and writes only its
+    outputs. The miniature (two tasks per training job: the chunk rule) runs against a local S3
+    server, is killed while a training job runs, and is resumed from a fresh working directory and
+    local storage prefix, nothing shared with the first but the bucket. Its tables equal the local run's."""
+    bucket, prefix = "dmnsp-test", "study"
+    client = s3_client(s3_server)
+    client.create_bucket(Bucket=bucket)
+
+    def workdir(name: str) -> Path:
+        folder = tmp_path_factory.mktemp(name)
+        cfg = yaml.safe_load(MINI.read_text())
+        cfg["run"]["dataset_root"] = "data"  # relative: staged by download_data, through the bucket
+        cfg["tasks_per_job"] = 2
+        (folder / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+        return folder
+
+    def command(folder: Path) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "snakemake",
+            "--snakefile",
+            str(SNAKEFILE),
+            "--directory",
+            str(folder),
+            "--cores",
+            "2",
+            "--configfile",
+            str(folder / "config.yaml"),
+            "--default-storage-provider",
+            "s3",
+            "--default-storage-prefix",
+            f"s3://{bucket}/{prefix}",
+            "--storage-s3-endpoint-url",
+            s3_server,
+            "--local-storage-prefix",
+            str(folder / "storage"),
+        ]
+
+    def keys() -> list[str]:
+        pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+        return [item["Key"] for page in pages for item in page.get("Contents", [])]
+
+    first = workdir("s3-first")
+    local = first / "storage" / "s3" / bucket / prefix
+    proc = subprocess.Popen(
+        command(first),
+        cwd=first,
+        env={**ENV, **S3_ENV},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and proc.poll() is None:
+            logs = list(local.glob("results/test/runs/**/method~dmnsp/**/logs/train_tasks0-1.log"))
+            if logs and not list(logs[0].parent.parent.glob("task1/eval.json")):
+                break
+            time.sleep(0.1)
+        assert proc.poll() is None, "the workflow finished before a training job could be killed"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    stored = keys()
+    assert any(k.endswith("/model.pt") and "/results/pretrained/" in k for k in stored)
+    assert f"{prefix}/data/FashionMNIST/raw/train-images-idx3-ubyte" in stored
+    # The killed job's outputs never reached the bucket (Snakemake stores them once a job succeeds).
+    assert not [k for k in stored if "method~dmnsp" in k and "/task" in k], stored
+
+    second = workdir("s3-second")
+    done = subprocess.run(
+        command(second), cwd=second, env={**ENV, **S3_ENV}, capture_output=True, text=True, timeout=900
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    counts = job_counts(done.stdout + done.stderr)
+    assert "pretrain_model" not in counts and "download_data" not in counts, counts  # taken from the bucket
+    assert counts.get("train_tasks_0_1", 0) >= 1 and counts["aggregate_results"] == 1, counts
+    # No job wrote through a path it was not given: the second working directory holds Snakemake's
+    # own folder, its local storage prefix and the config, nothing else (no results/, no data/).
+    assert sorted(p.name for p in second.iterdir()) == [".snakemake", "config.yaml", "storage"]
+
+    reference_dir = finished_run[0]
+    for name in ("summary.csv", "runs.csv", "hyperparameters.csv"):
+        body = client.get_object(Bucket=bucket, Key=f"{prefix}/results/test/tables/{name}")["Body"].read()
+        remote = table_digest(body.decode())
+        local_digest = table_digest((reference_dir / "results" / "test" / "tables" / name).read_text())
+        print(f"{name}: s3 {remote}, local {local_digest}")
+        assert remote == local_digest, name
+    reference = final_metrics(reference_dir)
+    for run_dir, metrics in reference.items():
+        body = client.get_object(Bucket=bucket, Key=f"{prefix}/{run_dir}/metrics.json")["Body"].read()
+        assert accuracy_only(json.loads(body)) == accuracy_only(metrics), run_dir
 
 
 # ------------------------------------------------------------------------------ documentation
