@@ -89,6 +89,7 @@ def test_default_config_plans_the_embedded_study():
     # zeroshot, finetune and lwf × 2 seeds, dmnsp × LAMBDA_SCALE {1, 30} × 2 seeds, and the clean
     # ablation × 2 seeds (it ignores LAMBDA_SCALE) = 12 runs of 5 tasks, each trained by one job.
     assert counts == {
+        "download_data": 1,  # Fashion-MNIST from Debian's files into data/
         "prepare_run": 12,
         "pretrain_model": 1,
         "train_tasks_0_4": 12,
@@ -101,6 +102,7 @@ def test_default_config_plans_the_embedded_study():
 def test_miniature_config_plans():
     counts, _ = dry_run(MINI)
     assert counts == {
+        "download_data": 1,
         "prepare_run": 3,
         "pretrain_model": 1,
         "train_task": 6,
@@ -126,6 +128,8 @@ def test_paper_configs_plan_the_full_dag_offline(path):
     k = yaml.safe_load(path.read_text()).get("tasks_per_job", 1)
     assert k > 1  # the paper configs train several tasks per job (benchmarks/README.md)
     assert counts == {
+        "download_data": 1,  # the dataset and the ViT-B-16 `openai` weights, staged before training
+        "fetch_weights": 1,
         "prepare_run": runs,
         **training_jobs(N_TASKS[path.stem], k, runs),
         "compute_metrics": runs,
@@ -145,7 +149,15 @@ def test_one_method_one_split_counts(tmp_path):
         path = tmp_path / f"one-k{k}.yaml"
         path.write_text(yaml.safe_dump(cfg))
         counts, _ = dry_run(path)
-        assert counts == {**jobs, "prepare_run": 3, "compute_metrics": 3, "aggregate_results": 1, "all": 1}
+        staged = {"download_data": 1, "fetch_weights": 1}
+        assert counts == {
+            **jobs,
+            **staged,
+            "prepare_run": 3,
+            "compute_metrics": 3,
+            "aggregate_results": 1,
+            "all": 1,
+        }
 
 
 def _planned_jobs(output: str) -> list[dict]:
@@ -165,7 +177,8 @@ def _planned_jobs(output: str) -> list[dict]:
 
 def test_job_resources_follow_the_table_per_job(tmp_path):
     """Resources are plain values where all jobs of a rule agree and per-job lookups where they
-    differ (by dataset, by a run's own threads): each job must still get its own row's values."""
+    differ (by dataset, by a run's own threads): each job must still get its own row's values. A
+    profile's (here the command line's) set-resources still overrides the table for its rule."""
     cfg = yaml.safe_load(MINI.read_text())
     small = cfg["experiments"]["test"]
     small.update(methods=["finetune"], pretrain_first=False)
@@ -183,18 +196,42 @@ def test_job_resources_follow_the_table_per_job(tmp_path):
     path.write_text(yaml.safe_dump(cfg))
     work = tmp_path / "work"
     work.mkdir()
-    proc = snakemake("-n", "--cores", "8", "--configfile", str(path), cwd=work)
-    jobs = [j for j in _planned_jobs(proc.stdout + proc.stderr) if j["rule"] != "all"]
+    override = ("--set-resources", "compute_metrics:mem_mb=777")
+    proc = snakemake("-n", "--cores", "8", *override, "--configfile", str(path), cwd=work)
+    planned = _planned_jobs(proc.stdout + proc.stderr)
+    assert sorted(j["wildcards"]["data_folder"] for j in planned if j["rule"] == "download_data") == [
+        "data/FashionMNIST",
+        "data/cifar-100-python",
+    ]
+    jobs = [j for j in planned if j["rule"] not in ("all", "download_data")]
     assert {j["rule"] for j in jobs} == {"prepare_run", "train_task", "compute_metrics", "aggregate_results"}
     for job in jobs:
         res, experiment = job["resources"], job["wildcards"]["experiment"]
         on_big = job["rule"] == "train_task" and experiment == "big"
         expected_mem = 7000 if on_big else 2500 if job["rule"] == "aggregate_results" else 1000
+        expected_mem = 777 if job["rule"] == "compute_metrics" else expected_mem
         assert int(res["mem_mb"]) == expected_mem, job
         assert int(res["runtime"]) == (50 if on_big else 5), job
         assert job["threads"] == (3 if on_big else 1), job
         if job["rule"] == "train_task":
             assert int(res["gpu"]) == (1 if on_big else 0), job
+
+
+PROFILES = sorted(p.parent for p in (ROOT / "workflow" / "profiles").glob("*/profile.yaml"))
+
+
+@pytest.mark.parametrize("folder", PROFILES, ids=[p.name for p in PROFILES])
+def test_profiles_are_read_as_profile_yaml_and_config_yaml(folder):
+    """Snakemake >= 9.19 reads profile.yaml, older 9.x config.yaml: the second is a link to the
+    first, and the installed Snakemake resolves the folder to that one content."""
+    from snakemake.cli import get_profile_dir
+
+    link = folder / "config.yaml"
+    assert link.is_symlink() and os.readlink(link) == "profile.yaml"
+    _, chosen = get_profile_dir(str(folder))
+    assert chosen.name in ("profile.yaml", "config.yaml")
+    assert chosen.read_text() == (folder / "profile.yaml").read_text()
+    assert yaml.safe_load(chosen.read_text())  # a mapping of settings
 
 
 def test_lint_is_clean():

@@ -79,7 +79,7 @@ rule train_task:
         staged=get_staged_options,
     shell:
         "OMP_NUM_THREADS={threads} python -m dmnsp train-task --quiet --config {input.config} --task {wildcards.task}"
-        " {params.resume} {params.staged} --out-dir $(dirname {output.eval}) > {log} 2>&1"
+        " {params.resume} --out-dir $(dirname {output.eval}) {params.staged} > {log} 2>&1"
 
 
 # tasks_per_job: k > 1: one job trains tasks first..last in one process, resuming from task first-1's
@@ -116,6 +116,6 @@ for chunk in CHUNK_RULES:
             run_dir=get_run_dir_of_outputs,
         shell:
             "OMP_NUM_THREADS={threads} python -m dmnsp train-task --quiet --config {input.config}"
-            " --tasks {params.tasks} {params.resume} {params.staged} --run-dir {params.run_dir} > {log} 2>&1"
+            " --tasks {params.tasks} {params.resume} --run-dir {params.run_dir} {params.staged} > {log} 2>&1"
 
     inherit_train_task_settings(chunk)
