@@ -219,6 +219,11 @@ def staged_inputs(settings):
     return inputs
 
 
+def staged_data_and_weights(settings):
+    """The dataset and tag weights of a run (its staged inputs but a checkpoint file)."""
+    return {k: v for k, v in staged_inputs(settings).items() if k != "pretrained"}
+
+
 def get_pretrain_input(wildcards):
     return staged_inputs(get_pretrain(wildcards).settings)
 

@@ -57,6 +57,8 @@ rule search_create_study:
 
 rule search_worker:
     input:
+        # The dataset and weights, staged before any worker starts (workers read them where configured).
+        **staged_data_and_weights(SEARCH.followups[0].settings),
         spec=f"{SEARCH_DIR}/spec.yaml",
         study=f"{SEARCH_DIR}/study.json",
         pretrained=SEARCH.pretrained or [],
