@@ -234,9 +234,19 @@ def test_profiles_are_read_as_profile_yaml_and_config_yaml(folder):
     assert yaml.safe_load(chosen.read_text())  # a mapping of settings
 
 
-def test_lint_is_clean():
-    proc = snakemake("--lint", cwd=ROOT, timeout=120, check=False)
+@pytest.mark.parametrize("entry", [SNAKEFILE, ROOT / "workflow" / "Snakefile"], ids=["root", "workflow"])
+def test_lint_is_clean(entry):
+    proc = snakemake("--lint", cwd=ROOT, timeout=120, check=False, snakefile=entry)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_workflow_entry_point_runs_from_any_folder(tmp_path):
+    """workflow/Snakefile from an empty folder: without a config/config.yaml there, it takes the one
+    shipped beside it and plans the embedded default, writing under this folder."""
+    proc = snakemake("-n", "--quiet", "rules", cwd=tmp_path, snakefile=ROOT / "workflow" / "Snakefile")
+    counts = job_counts(proc.stdout + proc.stderr)
+    assert counts["prepare_run"] == 12 and counts["download_data"] == 1 and counts["all"] == 1
+    assert "Config file(s): ['" + str(ROOT / "config" / "config.yaml") in proc.stdout + proc.stderr
 
 
 # ------------------------------------------------------------------------------- validation

@@ -7,6 +7,9 @@ import tomllib
 from snakemake.exceptions import WorkflowError
 from snakemake.sourcecache import HostingProviderFile, LocalGitFile
 
+# workflow/rules of the source this workflow is read from (a path, or a git or GitHub file)
+_RULES_DIR = workflow.current_basedir
+
 
 def workflow_version():
     """The version in the pyproject.toml beside this workflow (its checkout, tag or clone)."""
@@ -18,7 +21,7 @@ def package_requirement():
     """pip requirement for the dmnsp source this workflow was read from: a local checkout, a local
     git clone at a tag (a module's gitfile(...)), or GitHub/GitLab at a tag (github(...)).
     """
-    base = workflow.current_basedir  # workflow/rules of that source
+    base = _RULES_DIR
     if isinstance(base, LocalGitFile):
         return f"dmnsp @ git+file://{os.path.abspath(base.repo_path)}@{base.ref}"
     if isinstance(base, HostingProviderFile):
@@ -55,4 +58,9 @@ def default_configfile():
     from its root), else the one shipped beside this workflow."""
     if os.path.exists("config/config.yaml"):
         return "config/config.yaml"
-    return workflow.source_path("../../config/config.yaml")
+    if isinstance(_RULES_DIR, (LocalGitFile, HostingProviderFile)):
+        # a copy in Snakemake's source cache
+        return workflow.source_path("../../config/config.yaml")
+    return os.path.normpath(
+        os.path.join(str(_RULES_DIR), "..", "..", "config", "config.yaml")
+    )
