@@ -567,6 +567,23 @@ def test_conda_env_installs_the_workflows_own_version(tmp_path):
     assert install["metadata"]["name"] == "dmnsp"
     assert install["metadata"]["version"] == deployment_helpers.version()
     assert install["download_info"]["vcs_info"]["requested_revision"] == tag
+    # A release of another version than the installed package: planning stops, naming the fix.
+    pyproject = source / "pyproject.toml"
+    pyproject.write_text(
+        pyproject.read_text().replace(f'version = "{deployment_helpers.version()}"', 'version = "9.9.9"')
+    )
+    deployment_helpers.git("commit", "-q", "-am", "9.9.9", cwd=source)
+    deployment_helpers.git("tag", "v9.9.9", cwd=source)
+    snakefile = tmp_path / "Snakefile"
+    snakefile.write_text(snakefile.read_text().replace(f'tag="{tag}"', 'tag="v9.9.9"'))
+    proc = snakemake("-n", cwd=tmp_path, snakefile=snakefile, timeout=120, check=False)
+    assert proc.returncode != 0
+    console = proc.stdout + proc.stderr
+    assert (
+        f"this workflow is dmnsp 9.9.9 but Snakemake runs with dmnsp {deployment_helpers.version()}"
+        in console
+    )
+    assert f"pip install 'dmnsp @ git+file://{source}@v9.9.9'" in console
 
 
 # ------------------------------------------------------------------------------ remote storage
