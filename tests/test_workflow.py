@@ -734,6 +734,27 @@ def test_remote_storage_s3_kill_and_resume_through_the_bucket(finished_run, s3_s
         assert accuracy_only(json.loads(body)) == accuracy_only(metrics), run_dir
 
 
+@pytest.mark.slow
+def test_remote_storage_fs_gives_the_local_tables(finished_run, tmp_path):
+    """The same with snakemake-storage-plugin-fs (a storage folder standing in for a file system the
+    jobs' machines share with nothing else; one task per training job: the train_task rule)."""
+    work, remote = tmp_path / "work", tmp_path / "remote"
+    work.mkdir()
+    cfg = yaml.safe_load(MINI.read_text())
+    cfg["run"]["dataset_root"] = "data"
+    (work / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    storage = ("--default-storage-provider", "fs", "--default-storage-prefix", str(remote))
+    storage += ("--local-storage-prefix", str(work / "storage"))
+    snakemake("--cores", "2", *storage, "--configfile", str(work / "config.yaml"), cwd=work, timeout=900)
+    assert sorted(p.name for p in work.iterdir()) == [".snakemake", "config.yaml", "storage"]
+    assert (remote / "data" / "FashionMNIST" / "raw" / "train-images-idx3-ubyte").is_file()
+    reference = finished_run[0] / "results" / "test" / "tables"
+    for name in ("summary.csv", "runs.csv", "hyperparameters.csv"):
+        got = table_digest((remote / "results" / "test" / "tables" / name).read_text())
+        print(f"{name}: fs {got}, local {table_digest((reference / name).read_text())}")
+        assert got == table_digest((reference / name).read_text()), name
+
+
 # ------------------------------------------------------------------------------ documentation
 
 
