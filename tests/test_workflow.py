@@ -722,6 +722,15 @@ def test_remote_storage_s3_kill_and_resume_through_the_bucket(finished_run, s3_s
     assert sorted(p.name for p in second.iterdir()) == [".snakemake", "config.yaml", "storage"]
 
     reference_dir = finished_run[0]
+    # Every file a job wrote reached the bucket, so every one was a declared output: the bucket holds
+    # what the local run holds under results/ (logs and benchmarks are named by the job's tasks).
+    written = {
+        str(p.relative_to(reference_dir))
+        for p in (reference_dir / "results").rglob("*")
+        if p.is_file() and not {"logs", "benchmarks"} & set(p.relative_to(reference_dir).parts)
+    }
+    missing = written - {k.removeprefix(f"{prefix}/") for k in keys()}
+    assert not missing, sorted(missing)
     for name in ("summary.csv", "runs.csv", "hyperparameters.csv"):
         body = client.get_object(Bucket=bucket, Key=f"{prefix}/results/test/tables/{name}")["Body"].read()
         remote = table_digest(body.decode())

@@ -326,13 +326,6 @@ def train_tasks_output(chunk):
     return out
 
 
-def get_run_dir_of_outputs(wildcards, output):
-    """The run folder of a training job, from its outputs (``<run>/task<t>/<file>``): under remote
-    storage the job writes into Snakemake's local copy of it, not into results/ itself.
-    """
-    return os.path.dirname(os.path.dirname(output[0]))
-
-
 def train_tasks_constraints(chunk):
     """Wildcard constraints that limit a chunk rule to the runs whose chunk it is."""
     out = {"experiment": chunk.experiment_regex}

@@ -32,6 +32,7 @@ rule pretrain_model:
         model=layout.pretrained_model("{pretrain_id}"),
         info=f"{PRETRAINED}/model.json",
         config=layout.run_file(PRETRAINED, layout.CONFIG),
+        provenance=layout.run_file(PRETRAINED, layout.RUN_INFO),
     log:
         f"{PRETRAINED}/logs/pretrain_model.log",
     benchmark:
@@ -113,9 +114,12 @@ for chunk in CHUNK_RULES:
             tasks=f"{chunk.first}-{chunk.last}",
             resume=get_resume_option,
             staged=get_staged_options,
-            run_dir=get_run_dir_of_outputs,
+        # The run folder is the one holding the job's task outputs (<run>/task<t>/eval.json): under
+        # remote storage, Snakemake's local copy of it.
         shell:
             "OMP_NUM_THREADS={threads} python -m dmnsp train-task --quiet --config {input.config}"
-            " --tasks {params.tasks} {params.resume} --run-dir {params.run_dir} {params.staged} > {log} 2>&1"
+            " --tasks {params.tasks} {params.resume}"
+            f" --run-dir $(dirname $(dirname {{output.eval{chunk.first}}}))"
+            " {params.staged} > {log} 2>&1"
 
     inherit_train_task_settings(chunk)
