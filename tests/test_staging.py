@@ -314,6 +314,13 @@ def staging_config(path: Path, data: Path, cache: Path) -> Path:
     return path
 
 
+def job_stats(proc: subprocess.CompletedProcess) -> dict[str, int]:
+    """The 'Job stats' table of a run: {rule: count}."""
+    found = re.search(r"Job stats:\n.*?\n-+ +-+\n(.*?)\ntotal", proc.stdout + proc.stderr, re.DOTALL)
+    assert found, proc.stdout + proc.stderr
+    return {rule: int(n) for rule, n in (line.split() for line in found.group(1).splitlines())}
+
+
 def planned(proc: subprocess.CompletedProcess) -> set[str]:
     """Rules of the jobs a dry-run plans."""
     return set(re.findall(r"^(?:local)?rule (\w+):$", proc.stdout + proc.stderr, re.MULTILINE))
@@ -329,9 +336,9 @@ def test_workflow_stages_data_and_weights_offline(tmp_path):
     make_fake_tinyimagenet(data, n_classes=200, n_train=1, n_val=1, size=4)
     fake_hf_cache(cache)
     config = staging_config(tmp_path / "config.yaml", data, cache)
-    first = snakemake("-n", "--configfile", str(config), cwd=tmp_path)
-    assert "fetch_weights" in planned(first) and "download_data" not in planned(first)
-    snakemake("--cores", "1", "weights/ViT-B-16/openai", "--configfile", str(config), cwd=tmp_path)
+    until = ("--until", "download_data", "fetch_weights", "--cores", "2")
+    first = snakemake(*until, "--configfile", str(config), cwd=tmp_path)
+    assert job_stats(first) == {"fetch_weights": 1}, first.stdout + first.stderr  # the data is there
     assert list((tmp_path / "weights" / "ViT-B-16" / "openai").glob("models--*/snapshots/*/*"))
     again = snakemake("-n", "--configfile", str(config), cwd=tmp_path)
     assert not planned(again) & {"fetch_weights", "download_data"}, again.stdout
@@ -339,12 +346,7 @@ def test_workflow_stages_data_and_weights_offline(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     missing = staging_config(empty / "config.yaml", empty / "data", empty / "cache")
-    targets = [str(empty / "data" / "cifar-100-python"), str(empty / "data" / "tiny-imagenet-200")]
-    targets.append("weights/ViT-B-16/openai")
-    # Targets first: --configfile takes every argument after it.
-    failed = snakemake(
-        "--cores", "1", "--keep-going", *targets, "--configfile", str(missing), cwd=empty, check=False
-    )
+    failed = snakemake(*until, "--keep-going", "--configfile", str(missing), cwd=empty, check=False)
     assert failed.returncode != 0
     errors = sorted(line for line in failed.stderr.splitlines() if line.startswith("dmnsp fetch-"))
     for line in errors:
