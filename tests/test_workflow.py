@@ -715,6 +715,7 @@ def test_remote_storage_s3_kill_and_resume_through_the_bucket(finished_run, s3_s
     )
     assert done.returncode == 0, done.stdout + done.stderr
     counts = job_counts(done.stdout + done.stderr)
+    print(f"resumed from the bucket, jobs: {counts}")
     assert "pretrain_model" not in counts and "download_data" not in counts, counts  # taken from the bucket
     assert counts.get("train_tasks_0_1", 0) >= 1 and counts["aggregate_results"] == 1, counts
     # No job wrote through a path it was not given: the second working directory holds Snakemake's
