@@ -26,7 +26,7 @@ NEW_TESTS = [
     "tests/test_workflow.py::test_snakedeploy_writes_the_module_deployment",
     "tests/test_workflow.py::test_conda_env_installs_the_workflows_own_version",
     "tests/test_workflow.py::test_remote_storage_s3_kill_and_resume_through_the_bucket",
-    "tests/test_workflow.py::test_remote_storage_fs_gives_the_local_tables",
+    "tests/test_workflow.py::test_remote_storage_fs_gives_the_local_results",
     "tests/test_workflow.py::test_workflow_entry_point_runs_from_any_folder",
     "tests/test_workflow.py::test_lint_is_clean[workflow]",
     "tests/test_workflow.py::test_profiles_are_read_as_profile_yaml_and_config_yaml",
