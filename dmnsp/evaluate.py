@@ -11,7 +11,7 @@ from torch.utils.data import ConcatDataset, Dataset
 from tqdm.auto import tqdm
 
 from .loaders import make_loader
-from .model import clip_logits, encode_image, encode_text, tokenize_prompts
+from .model import clip_logits, encode_image, encode_text, logit_scale, tokenize_prompts
 
 
 @torch.no_grad()
@@ -27,9 +27,12 @@ def predict(
     seed: int = 0,
     amp: bool = False,
     progress: bool = True,
+    scale: str | float = "checkpoint",
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Argmax predictions and labels over ``dataset`` (labels are positions in ``class_names``)."""
+    """Argmax predictions and labels over ``dataset`` (labels are positions in ``class_names``);
+    ``scale``: the logit scale (run key ``logit_scale``, resolved)."""
     model.eval()
+    factor = logit_scale(model, scale)
     tokens = tokenize_prompts(tokenizer, class_names, template).to(device)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
         text = encode_text(model, tokens)
@@ -39,7 +42,7 @@ def predict(
     preds, labels = [], []
     for images, y in tqdm(loader, desc="evaluate", disable=not progress, leave=False):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            logits = clip_logits(encode_image(model, images.to(device)), text)
+            logits = clip_logits(encode_image(model, images.to(device)), text, factor)
         preds.append(logits.float().argmax(-1).cpu().numpy())
         labels.append(y.numpy())
     return np.concatenate(preds), np.concatenate(labels)
@@ -88,6 +91,7 @@ def evaluate_seen(
         seed,
         cfg["precision"] == "amp_bf16",
         progress,
+        cfg["logit_scale"],
     )
     correct = preds == labels
     bounds = np.cumsum([0] + sizes)

@@ -36,12 +36,18 @@ TRAINING_KEYS = frozenset(
         "adapter_scale",
         "adapter_dropout",
         "optimizer.numerics",
+        "logit_scale",
     }
 )
 
 #: ``optimizer.numerics`` when a config leaves it null: the reference ran torch's foreach AdamW on
 #: a GPU (faithful); clean mode takes torch's own AdamW for the device (method.md section 6).
 NUMERICS_BY_MODE = {"faithful": "cuda-foreach", "clean": "torch"}
+
+#: ``logit_scale`` when a config leaves it null: the reference multiplies the logits by
+#: ``exp(logit_scale)`` of the loaded checkpoint (faithful); clean mode uses CLIP's 100, the value of
+#: OpenAI's weights, whatever a self-pretrained checkpoint reached (config/README.md, Numerics).
+LOGIT_SCALE_BY_MODE: dict[str, str | float] = {"faithful": "checkpoint", "clean": 100.0}
 
 #: Method state kept from task to task in the checkpoint: per tower, a list of tensors.
 MethodState = dict[str, list["torch.Tensor"]]
@@ -126,6 +132,22 @@ class Method:
         """``key=value`` parts of the run label: this method's switches that differ from their defaults
         in a resolved config (none by default)."""
         return []
+
+    @classmethod
+    def state_mismatch(
+        cls, cfg: Mapping[str, Any], task: int, state: MethodState, widths: Mapping[str, Sequence[int]]
+    ) -> str | None:
+        """Why ``state``, read from a checkpoint written after task ``task``, is not what this method
+        writes under ``cfg`` for a model whose adapters have output ``widths`` (per tower, per layer);
+        None when it fits. Checked before the state is used, so a crafted checkpoint (valid
+        checksum, same config) cannot pass tensors of the wrong size into the maths.
+
+        The default is a method that keeps no state between tasks; a method that keeps some
+        overrides this with the shapes it writes (DMNSP: its per-layer bases).
+        """
+        if any(len(v) for v in state.values()):
+            return f"method {cls.name} keeps no state between tasks, but the checkpoint holds {sorted(state)}"
+        return None
 
     # ------------------------------------------------------------------ hooks
     def start_task(self, ctx: TaskContext) -> None:
