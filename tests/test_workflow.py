@@ -533,6 +533,19 @@ def test_snakedeploy_writes_the_module_deployment(deployment, finished_run):
     tables = dest / "results" / "test" / "tables"
     assert {"summary.csv", "runs.csv", "hyperparameters.csv"} <= {p.name for p in tables.iterdir()}
     assert len(final_metrics(dest)) == 3
+    # The workflow's config checks run in the module too (check_workflow_config in workflow/Snakefile,
+    # before validation): a key written twice, which Snakemake's reader keeps silently, and a value
+    # past the schema's bounds each stop planning in one line naming it.
+    config = (dest / "config" / "config.yaml").read_text()
+    for text, needle in [
+        (config + "tasks_per_job: 2\ntasks_per_job: 1\n", "duplicate key 'tasks_per_job'"),
+        (config + "tasks_per_job: 0\n", "tasks_per_job"),
+    ]:
+        (dest / "hostile.yaml").write_text(text)
+        proc = deployed("-n", "--configfile", "hostile.yaml", cwd=dest, check=False, timeout=120)
+        console = proc.stdout + proc.stderr
+        assert proc.returncode != 0 and "Building DAG" not in console, console
+        assert "invalid workflow config: " in console and needle in console, console
 
 
 def test_conda_env_installs_the_workflows_own_version(tmp_path):
