@@ -243,10 +243,8 @@ def _targets(values: Any) -> np.ndarray:
 
 def _load_cifar100(root: Path, download: bool) -> DatasetSplits:
     folder = root / CIFAR100.base_folder
-    how = (
-        f"set `download: true` (needs the internet) or extract {_CIFAR100_URL} so that "
-        f"{folder}/ holds train, test and meta"
-    )
+    place = f"extract {_CIFAR100_URL} so that {folder}/ holds train, test and meta"
+    how = f"set `download: true` (needs the internet) or {place}"
     if not download and not folder.is_dir():
         raise DataError(f"CIFAR100 not found: no folder {folder}; {how}")
     for name in ("train", "test", "meta"):  # torchvision's md5 check would block on a FIFO
@@ -261,7 +259,7 @@ def _load_cifar100(root: Path, download: bool) -> DatasetSplits:
             f"CIFAR100 in {folder} is missing files or failed torchvision's md5 check ({exc}); {how}"
         ) from exc
     except OSError as exc:  # network errors (URLError) while downloading
-        raise DataError(f"downloading CIFAR100 into {root} failed ({exc}); {how}") from exc
+        raise DataError(f"downloading CIFAR100 into {root} failed ({exc}); {place}") from exc
     except (pickle.UnpicklingError, EOFError, ValueError, KeyError, TypeError, IndexError) as exc:
         # Passed the md5 check yet does not unpickle to CIFAR's arrays (only a copy whose md5 list
         # was patched can get here): the same fix.
