@@ -151,18 +151,40 @@ def cmd_train_task(args) -> int:
     which = f"--task {args.task}" if args.tasks is None else f"--tasks {first}-{last}"
     with guard.locked(run, f"dmnsp train-task {which}"):  # the run's one lock, as every writer of it
         cfg = _load(args)
+        weights = _pretrained_file(cfg, args.pretrained_file)
         for t, folder in folders.items():
             guard.check_task_dir(folder, t, args.resume, cfg)
         if args.tasks is None:
-            report(
-                args.task,
-                run_one_task(cfg, args.task, args.resume, folders[args.task], progress=not args.quiet),
+            folder = folders[args.task]
+            row = run_one_task(
+                cfg, args.task, args.resume, folder, progress=not args.quiet, pretrained_file=weights
             )
+            report(args.task, row)
         else:
             run_tasks(
-                cfg, first, last, args.resume, args.run_dir, progress=not args.quiet, on_task_end=report
+                cfg,
+                first,
+                last,
+                args.resume,
+                args.run_dir,
+                progress=not args.quiet,
+                on_task_end=report,
+                pretrained_file=weights,
             )
     return 0
+
+
+def _pretrained_file(cfg: dict, path: str | None) -> str | None:
+    """``--pretrained-file``: only for a config whose ``pretrained`` names a checkpoint file."""
+    from .config import ConfigError
+    from .staging import is_weights_file
+
+    if path is not None and not is_weights_file(cfg["pretrained"]):
+        raise ConfigError(
+            f"--pretrained-file {path} was given, but the config's pretrained is {cfg['pretrained']!r}, "
+            "not a checkpoint file; drop the option"
+        )
+    return path
 
 
 def cmd_evaluate(args) -> int:
@@ -388,6 +410,77 @@ def _add_search_commands(sub) -> None:
 # ----------------------------------------------------------------------------------- search (end)
 
 
+# ---------------------------------------------------------------------------------- staging (begin)
+# Data and weights staged before training (dmnsp/staging.py; workflow/rules/staging.smk runs these).
+
+
+def _staging_settings(args, keys: tuple[str, ...]) -> dict:
+    """The run keys ``keys`` from ``--config``/``--set`` (defaults filled in), explicit options winning."""
+    cfg = _load(args)  # --config is optional: the run schema's defaults, with --set
+    out = {key: cfg[key] for key in keys}
+    for key in keys:
+        value = getattr(args, key, None)
+        if value is not None:
+            out[key] = value
+    return out
+
+
+def cmd_fetch_data(args) -> int:
+    from .datasets import fetch_dataset
+
+    s = _staging_settings(args, ("dataset", "dataset_root", "download"))
+    folder = fetch_dataset(s["dataset"], s["dataset_root"], download=s["download"])
+    print(f"{s['dataset']}: ready in {folder}")
+    return 0
+
+
+def cmd_fetch_weights(args) -> int:
+    from .config import ConfigError
+    from .model import fetch_weights
+    from .staging import weights_folder
+
+    s = _staging_settings(args, ("model_name", "pretrained", "cache_dir"))
+    if not s["pretrained"]:
+        raise ConfigError("pretrained is null (random weights): there is nothing to fetch")
+    out = args.out_dir or weights_folder(s["model_name"], s["pretrained"])
+    fetch_weights(s["model_name"], s["pretrained"], out, cache_dir=s["cache_dir"])
+    print(f"{s['model_name']}/{s['pretrained']}: ready in {out} (use it as cache_dir)")
+    return 0
+
+
+def _add_staging_commands(sub) -> None:
+    p = sub.add_parser(
+        "fetch-data",
+        help="stage a dataset under its dataset_root before training: check it, or fetch it (Debian's "
+        "Fashion-MNIST; CIFAR100, TinyImageNet with download); offline, name the folder to place",
+    )
+    _config_args(p, required=False)
+    p.add_argument("--dataset", help="dataset name (default: the config's)")
+    p.add_argument("--root", dest="dataset_root", help="dataset_root (default: the config's)")
+    p.add_argument(
+        "--download",
+        action="store_const",
+        const=True,
+        help="download what is missing (needs the internet; default: the config's `download`)",
+    )
+    p.set_defaults(func=cmd_fetch_data)
+
+    p = sub.add_parser(
+        "fetch-weights",
+        help="stage the open_clip weights of a pretrained tag into an open_clip cache folder of their own, "
+        "from cache_dir or the internet; offline, name what to place where",
+    )
+    _config_args(p, required=False)
+    p.add_argument("--model", dest="model_name", help="open_clip architecture (default: the config's)")
+    p.add_argument("--pretrained", help="pretrained tag, e.g. openai (default: the config's)")
+    p.add_argument("--cache-dir", help="open_clip cache to copy from (default: the config's cache_dir)")
+    p.add_argument("--out-dir", help="the staged cache folder (default: weights/<model>/<tag>)")
+    p.set_defaults(func=cmd_fetch_weights)
+
+
+# ------------------------------------------------------------------------------------ staging (end)
+
+
 def _task_range(text: str) -> tuple[int, int]:
     """``--tasks 3-5`` → ``(3, 5)``."""
     first, sep, last = text.partition("-")
@@ -428,6 +521,11 @@ def build_parser() -> argparse.ArgumentParser:
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--out-dir", help="with --task: folder for checkpoint.pt, eval.json, diagnostics.json")
     where.add_argument("--run-dir", help="the run folder: each task t is written to its task<t>/ folder")
+    p.add_argument(
+        "--pretrained-file",
+        help="read the checkpoint the config's `pretrained` names from this copy of it (a staged input, "
+        "e.g. under Snakemake's remote-storage prefix); the run's identity keeps the config's value",
+    )
     p.set_defaults(func=cmd_train_task)
 
     p = sub.add_parser("evaluate", help="evaluate a task checkpoint on all classes seen so far")
@@ -485,6 +583,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("list-datasets", help="supported datasets")
     p.set_defaults(func=cmd_list_datasets)
     _add_search_commands(sub)  # search block above
+    _add_staging_commands(sub)  # staging block above
     return parser
 
 

@@ -243,10 +243,8 @@ def _targets(values: Any) -> np.ndarray:
 
 def _load_cifar100(root: Path, download: bool) -> DatasetSplits:
     folder = root / CIFAR100.base_folder
-    how = (
-        f"set `download: true` (needs the internet) or extract {_CIFAR100_URL} so that "
-        f"{folder}/ holds train, test and meta"
-    )
+    place = f"extract {_CIFAR100_URL} so that {folder}/ holds train, test and meta"
+    how = f"set `download: true` (needs the internet) or {place}"
     if not download and not folder.is_dir():
         raise DataError(f"CIFAR100 not found: no folder {folder}; {how}")
     for name in ("train", "test", "meta"):  # torchvision's md5 check would block on a FIFO
@@ -261,7 +259,7 @@ def _load_cifar100(root: Path, download: bool) -> DatasetSplits:
             f"CIFAR100 in {folder} is missing files or failed torchvision's md5 check ({exc}); {how}"
         ) from exc
     except OSError as exc:  # network errors (URLError) while downloading
-        raise DataError(f"downloading CIFAR100 into {root} failed ({exc}); {how}") from exc
+        raise DataError(f"downloading CIFAR100 into {root} failed ({exc}); {place}") from exc
     except (pickle.UnpicklingError, EOFError, ValueError, KeyError, TypeError, IndexError) as exc:
         # Passed the md5 check yet does not unpickle to CIFAR's arrays (only a copy whose md5 list
         # was patched can get here): the same fix.
@@ -612,3 +610,44 @@ _LOADERS: dict[str, Callable[[Path, bool], DatasetSplits]] = {
     "imagefolder": _load_imagefolder,
     "tinyimagenet": _load_tinyimagenet,
 }
+
+
+# ------------------------------------------------------------------------------------------ staging
+
+
+def fetch_dataset(name: str, root: str | Path, download: bool = False) -> Path:
+    """Stage a dataset under ``root`` before any training job reads it (``python -m dmnsp
+    fetch-data``, the workflow's ``download_data`` rule, on a machine that may reach the internet).
+
+    Files already there are only checked (loaded once, with torchvision's md5 checks for
+    CIFAR100). Missing files are fetched: Fashion-MNIST from Debian's ``dataset-fashion-mnist``
+    (or downloaded with ``download``), CIFAR100 by torchvision and TinyImageNet's archive from its
+    URL when ``download`` is set.
+
+    Returns:
+        The dataset's folder (:func:`dmnsp.staging.data_folder`).
+
+    Raises:
+        DataError: one line naming the folder (or file) to place and how, when the files are
+            missing and cannot be fetched (``download`` false, or offline).
+    """
+    from .staging import data_folder
+
+    if name not in _LOADERS:
+        raise ConfigError(f"unknown dataset {name!r}; choose one of {', '.join(list_datasets())}")
+    root = Path(root).expanduser()
+    folder = root / TinyImageNet.base_folder
+    place = f"download {_TINYIMAGENET_URL} and unzip it into {root}, so that {folder}/ holds wnids.txt, train/ and val/"
+    if name == "tinyimagenet" and download and not folder.is_dir():
+        from torchvision.datasets.utils import download_and_extract_archive
+
+        try:
+            download_and_extract_archive(_TINYIMAGENET_URL, download_root=str(root), remove_finished=True)
+        except OSError as exc:  # URLError and other network errors
+            raise DataError(f"downloading TinyImageNet into {root} failed ({exc}); {place}") from exc
+    elif name == "tinyimagenet" and not folder.is_dir():
+        raise DataError(
+            f"TinyImageNet not found: no folder {folder}; set `download: true` (needs the internet) or {place}"
+        )
+    _LOADERS[name](root, download)
+    return Path(data_folder(name, str(root)))

@@ -111,8 +111,9 @@ def resolve_weights(model_name: str, pretrained: str | None, cache_dir: str | No
         )
     if pretrained is None or pretrained == "":
         return None
-    looks_like_path = os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))
-    if looks_like_path or os.path.exists(pretrained):
+    from .staging import is_weights_file
+
+    if is_weights_file(pretrained):
         if not os.path.isfile(pretrained):  # a FIFO or folder is never opened (torch.load would block)
             what = "is not a regular file" if os.path.exists(pretrained) else "does not exist"
             raise WeightsError(
@@ -290,3 +291,101 @@ def resolve_device(spec: str = "auto") -> torch.device:
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         raise ModelError(f"device {spec!r} does not exist: {torch.cuda.device_count()} GPU(s) visible")
     return dev
+
+
+# ------------------------------------------------------------------------------------------ staging
+
+
+def _cache_entry(cfg: dict, cache_dir: str | None) -> Path | None:
+    """Where open_clip's cache under ``cache_dir`` (None: its default caches) holds a tag's weights:
+    the Hugging Face repo folder (``models--org--name``) or the downloaded file; None if absent."""
+    hub = cfg.get("hf_hub", "")
+    if hub and _cached_weights({"hf_hub": hub}, cache_dir):
+        from huggingface_hub import constants
+        from huggingface_hub.file_download import repo_folder_name
+
+        repo = os.path.split(hub)[0]
+        return Path(cache_dir or constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo, repo_type="model")
+    url = cfg.get("url", "")
+    if url and _cached_weights({"url": url}, cache_dir):
+        return Path(cache_dir or os.path.expanduser("~/.cache/clip")) / os.path.basename(url)
+    return None
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    """Hard link when both lie on one file system (weights are large), else copy."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        import shutil
+
+        shutil.copy2(src, dst)
+
+
+def _weights_source(cfg: dict) -> str:
+    hub = cfg.get("hf_hub", "")
+    if hub:
+        from huggingface_hub.file_download import repo_folder_name
+
+        repo, filename = os.path.split(hub)
+        name = filename or "open_clip_pytorch_model.bin or open_clip_model.safetensors"
+        return f"the Hugging Face cache folder {repo_folder_name(repo_id=repo, repo_type='model')} (repo {repo}, file {name})"
+    return f"the file {os.path.basename(cfg.get('url', ''))} ({cfg.get('url', '')})"
+
+
+def fetch_weights(
+    model_name: str, pretrained: str, out_dir: str | Path, cache_dir: str | None = None
+) -> Path:
+    """Stage the weights of an open_clip pretrained tag into ``out_dir``, an open_clip cache folder
+    of their own that training jobs use as ``cache_dir`` (``python -m dmnsp fetch-weights``, the
+    workflow's ``fetch_weights`` rule, on a machine that may reach the internet).
+
+    Nothing happens when ``out_dir`` holds them; weights in the cache ``cache_dir`` (None: open_clip's
+    default caches) are hard-linked or copied in; else they are downloaded when the internet is
+    reachable.
+
+    Returns:
+        ``out_dir``.
+
+    Raises:
+        ModelError: unknown architecture or tag, or a file path given as the tag.
+        WeightsError: one line naming what to place where, when the weights are nowhere here and
+            the internet is not reachable.
+    """
+    from .staging import is_weights_file
+
+    if is_weights_file(pretrained):
+        raise ModelError(
+            f"pretrained {pretrained!r} is a file, not an open_clip tag: there is nothing to fetch"
+        )
+    resolve_weights(model_name, None)  # the architecture exists
+    tags = open_clip.list_pretrained_tags_by_model(model_name)
+    if pretrained not in tags:
+        raise ModelError(
+            f"unknown pretrained tag {pretrained!r} for {model_name}; known tags: {', '.join(tags) or 'none'}"
+        )
+    cfg = open_clip.get_pretrained_cfg(model_name, pretrained)
+    out = Path(out_dir)
+    if _cached_weights(cfg, str(out)):
+        return out
+    source = _cache_entry(cfg, cache_dir)
+    if source is not None:
+        import shutil
+
+        out.mkdir(parents=True, exist_ok=True)
+        if source.is_dir():  # keeps the cache's relative symlinks (snapshots -> blobs)
+            shutil.copytree(
+                source, out / source.name, symlinks=True, copy_function=_link_or_copy, dirs_exist_ok=True
+            )
+        else:
+            _link_or_copy(str(source), str(out / source.name))
+        return out
+    if _network_available():
+        open_clip.download_pretrained(cfg, cache_dir=str(out))
+        return out
+    raise WeightsError(
+        f"weights {model_name}/{pretrained} are not in {out} nor in the cache "
+        f"{cache_dir or '(open_clip default: the Hugging Face cache, ~/.cache/clip)'} and the internet is not "
+        f"reachable: place {_weights_source(cfg)} in {cache_dir or out}, or run `python -m dmnsp fetch-weights "
+        f"--model {model_name} --pretrained {pretrained} --out-dir DIR` where the internet is reachable and copy DIR to {out}"
+    )

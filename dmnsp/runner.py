@@ -39,7 +39,16 @@ def _num_workers(spec: int | str) -> int:
 class Session:
     """Data, scenario and model of one run configuration, built once per process."""
 
-    def __init__(self, cfg: dict, progress: bool = True, data: DatasetSplits | None = None) -> None:
+    def __init__(
+        self,
+        cfg: dict,
+        progress: bool = True,
+        data: DatasetSplits | None = None,
+        pretrained_file: str | Path | None = None,
+    ) -> None:
+        """``pretrained_file``: where this process reads the checkpoint the config's ``pretrained``
+        names (a copy staged elsewhere, e.g. by remote storage); the config, and so the run's
+        identity, keeps its own value."""
         self.cfg = cfg
         self.progress = progress
         set_threads(cfg["threads"])
@@ -47,7 +56,7 @@ class Session:
         self.num_workers = _num_workers(cfg["num_workers"])
         self.bundle = create_clip(
             cfg["model_name"],
-            cfg["pretrained"],
+            str(pretrained_file) if pretrained_file is not None else cfg["pretrained"],
             cache_dir=cfg["cache_dir"],
             device=self.device,
             seed=derive_seed(cfg["seed"], "init"),
@@ -146,22 +155,34 @@ class Session:
         return new_state, row, diag
 
 
-def _resumed(cfg: dict, first: int, resume: str | Path | None, progress: bool) -> tuple[Session, TaskState]:
+def _resumed(
+    cfg: dict,
+    first: int,
+    resume: str | Path | None,
+    progress: bool,
+    pretrained_file: str | Path | None = None,
+) -> tuple[Session, TaskState]:
     """The session and the state after task ``first - 1`` (checked before the slow model and data build)."""
     if first > 0 and resume is None:
         raise ConfigError(f"task {first} needs --resume with the checkpoint of task {first - 1}")
     state = load_checkpoint(resume, cfg, expect_task=first - 1) if first > 0 else TaskState()
-    session = Session(cfg, progress)
+    session = Session(cfg, progress, pretrained_file=pretrained_file)
     if first > 0:
         check_state_fits(session.model, state, resume, cfg)
     return session, state
 
 
 def run_one_task(
-    cfg: dict, task: int, resume: str | Path | None, out_dir: str | Path, progress: bool = True
+    cfg: dict,
+    task: int,
+    resume: str | Path | None,
+    out_dir: str | Path,
+    progress: bool = True,
+    pretrained_file: str | Path | None = None,
 ) -> dict:
-    """``dmnsp train-task``: resume from task-1's checkpoint, train and evaluate task, write its folder."""
-    session, state = _resumed(cfg, task, resume, progress)
+    """``dmnsp train-task``: resume from task-1's checkpoint, train and evaluate task, write its folder
+    (``pretrained_file``: see :class:`Session`)."""
+    session, state = _resumed(cfg, task, resume, progress, pretrained_file)
     state, row, diag = session.run_task(task, state)
     write_task_outputs(out_dir, state, row, diag, cfg)
     return row
@@ -189,6 +210,7 @@ def run_tasks(
     run_dir: str | Path,
     progress: bool = True,
     on_task_end: Callable[[int, dict], None] | None = None,
+    pretrained_file: str | Path | None = None,
 ) -> list[dict]:
     """``dmnsp train-task --tasks first-last``: tasks ``first..last`` in this process (a workflow job of
     ``tasks_per_job`` tasks), resuming from task first-1's checkpoint; every task's folder under
@@ -202,7 +224,7 @@ def run_tasks(
         raise ConfigError(
             f"--tasks {first}-{last} is not a range of tasks; give FIRST-LAST with FIRST <= LAST"
         )
-    session, state = _resumed(cfg, first, resume, progress)
+    session, state = _resumed(cfg, first, resume, progress, pretrained_file)
     if last >= session.n_tasks:
         raise ConfigError(f"task {last} does not exist: this scenario has tasks 0..{session.n_tasks - 1}")
     rows = []

@@ -142,6 +142,7 @@ def test_cluster_profiles_plan_the_miniature_workflow(profile, tmp_path):
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert job_counts(proc.stdout + proc.stderr) == {
+        "download_data": 1,  # a local rule: the data is staged on the login node
         "prepare_run": 3,
         "pretrain_model": 1,
         "train_task": 6,

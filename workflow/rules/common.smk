@@ -8,7 +8,7 @@ from functools import cache
 
 from snakemake.exceptions import WorkflowError
 
-from dmnsp import layout
+from dmnsp import layout, staging
 from dmnsp.config import ConfigError
 from dmnsp.experiments import (
     chunk_rules,
@@ -20,7 +20,7 @@ from dmnsp.experiments import (
 )
 
 try:
-    # The config files were read again with dmnsp's reader in the Snakefile (check_config).
+    # workflow/Snakefile read the config files again with dmnsp's reader (check_workflow_config).
     PLAN = expand_all(config)
     # tasks_per_job > 1: one training rule per chunk position (train_tasks_<first>_<last>).
     CHUNK_RULES = chunk_rules(PLAN)
@@ -122,9 +122,39 @@ def get_resume_option(wildcards, input):
     return f"--resume {input.resume}" if "resume" in input.keys() else ""
 
 
-def get_run_dirs(wildcards, input):
-    """Run folders of an experiment, from its metrics files."""
-    return " ".join(os.path.dirname(path) for path in input.metrics)
+def get_run_names(wildcards):
+    """Run folders of an experiment as the tables name them: results/<experiment>/runs/<run>."""
+    from shlex import quote
+
+    return " ".join(quote(run.run_dir) for run in get_experiment_runs(wildcards))
+
+
+def get_results_root(wildcards, input):
+    """The folder that holds this job's copy of results/: "." on a shared file system, Snakemake's
+    local storage folder under remote storage (its inputs keep their paths below it)."""
+    from shlex import quote
+
+    physical = os.path.normpath(input.metrics[0])
+    logical = os.path.normpath(
+        layout.run_file(get_experiment_runs(wildcards)[0].run_dir, layout.METRICS)
+    )
+    if physical == logical:
+        return "."
+    if not physical.endswith(os.sep + logical):
+        raise WorkflowError(f"input {physical} is not a copy of {logical}")
+    return quote(physical[: -len(logical) - 1])
+
+
+def get_tables_dir(wildcards, output):
+    from shlex import quote
+
+    return quote(os.path.abspath(os.path.dirname(output.summary_csv)))
+
+
+def get_plots_dir(wildcards, output):
+    from shlex import quote
+
+    return quote(os.path.abspath(output.plots))
 
 
 def get_expected_seeds(wildcards):
@@ -168,30 +198,107 @@ def _train_input(wildcards, run, task):
         inputs["resume"] = layout.task_file(run_dir, task - 1, layout.CHECKPOINT)
     if run.pretrain_id:
         inputs["pretrained"] = PLAN.pretrains[run.pretrain_id].model_path
+    inputs.update(staged_inputs(run.settings))
     return inputs
 
 
+def staged_inputs(settings):
+    """What a job reads from outside its run folder (dmnsp.staging): the dataset's folder and the
+    weights, staged by download_data / fetch_weights or given as a file. Data and weights are the
+    same files whenever they were fetched: ancient(), so a re-fetch never retrains anything.
+    """
+    staged = staging.staging_for(settings)
+    inputs = {"data": ancient(staged.data_folder)}
+    if staged.weights_folder:
+        inputs["weights"] = ancient(staged.weights_folder)
+    if staged.pretrained_file:
+        inputs["pretrained"] = staged.pretrained_file
+    return inputs
+
+
+def staged_data_and_weights(settings):
+    """The dataset and tag weights of a run (its staged inputs but a checkpoint file)."""
+    return {k: v for k, v in staged_inputs(settings).items() if k != "pretrained"}
+
+
+def get_pretrain_input(wildcards):
+    return staged_inputs(get_pretrain(wildcards).settings)
+
+
+def get_staged_options(wildcards, input):
+    """Where this job reads the staged inputs (Snakemake's local copies under remote storage):
+    dataset_root and cache_dir (they say where, not what: the run's identity keeps its own
+    values) and --pretrained-file for a checkpoint file."""
+    from shlex import quote
+
+    if "pretrain_id" in wildcards.keys():
+        settings = get_pretrain(wildcards).settings
+    else:
+        settings = get_run(wildcards).settings
+    root = staging.data_root(staging.staging_for(settings).dataset, input.data)
+    options = [f"--set dataset_root={quote(root)}"]
+    if "weights" in input.keys():
+        options.append(f"--set cache_dir={quote(input.weights)}")
+    if "pretrained" in input.keys():
+        options.append(f"--pretrained-file {quote(input.pretrained)}")
+    return " ".join(options)
+
+
+# With remote storage (--default-storage-provider) a job sees only the files it declares, so the
+# metrics and tables jobs declare every task record they read. On a shared file system the same
+# records are there already (each training job writes a task's diagnostics.json before its
+# eval.json, and the metrics wait for every eval.json): declaring them again would only cost
+# planning time (about 40 % more CPU for the 5,000-job CIFAR100 2-2 grid of benchmarks/dag.py).
+REMOTE_STORAGE = workflow.storage_settings.default_storage_provider is not None
+
+
+def _task_records(run_dir, n_tasks, every=REMOTE_STORAGE):
+    """eval.json of every task, and with ``every`` (remote storage) diagnostics.json too (the
+    metrics read both)."""
+    records = {
+        "evals": [layout.task_file(run_dir, t, layout.EVAL) for t in range(n_tasks)]
+    }
+    if every:
+        records["diagnostics"] = [
+            layout.task_file(run_dir, t, layout.DIAGNOSTICS) for t in range(n_tasks)
+        ]
+    return records
+
+
 def get_metrics_input(wildcards):
-    """Evaluation files of every task of a run."""
+    """The run's config and every task's records."""
     run = get_run(wildcards)
     run_dir = get_run_dir(wildcards)
     return {
         "config": layout.run_file(run_dir, layout.CONFIG),
-        "evals": [
-            layout.task_file(run_dir, t, layout.EVAL) for t in range(run.n_tasks)
-        ],
+        **_task_records(run_dir, run.n_tasks),
     }
 
 
-def get_experiment_metrics(wildcards):
-    """metrics.json of every run of an experiment."""
+def get_experiment_runs(wildcards):
     try:
-        runs = PLAN.experiments[wildcards.experiment]
+        return PLAN.experiments[wildcards.experiment]
     except KeyError:
         raise WorkflowError(
             f"no experiment '{wildcards.experiment}' in this config"
         ) from None
-    return [layout.run_file(run.run_dir, layout.METRICS) for run in runs]
+
+
+def get_experiment_input(wildcards):
+    """What the tables and plots read of every run of an experiment: metrics.json (one per run, in
+    run order: their folders are the runs), config.yaml and run.json, and with remote storage
+    every task's records."""
+    runs = get_experiment_runs(wildcards)
+    inputs = {
+        "metrics": [layout.run_file(run.run_dir, layout.METRICS) for run in runs],
+        "configs": [layout.run_file(run.run_dir, layout.CONFIG) for run in runs],
+        "infos": [layout.run_file(run.run_dir, layout.RUN_INFO) for run in runs],
+    }
+    if REMOTE_STORAGE:
+        for run in runs:
+            for key, paths in _task_records(run.run_dir, run.n_tasks).items():
+                inputs.setdefault(key, []).extend(paths)
+    return inputs
 
 
 # ------------------------------------------------------------------------------- outputs
@@ -229,6 +336,100 @@ def train_task_constraints():
     if not CHUNK_RULES:
         return {}
     return {"experiment": "|".join(map(re.escape, ONE_TASK_EXPERIMENTS)) or "(?!)"}
+
+
+# ------------------------------------------------------------------------------- report
+
+
+def _dataset_splits(experiment):
+    """The (dataset, "I-I") pairs of an experiment's runs, sorted."""
+    runs = PLAN.experiments.get(experiment, [])
+    return sorted(
+        {
+            (run.dataset, f"{run.swept['initial_increment']}-{run.swept['increment']}")
+            for run in runs
+        }
+    )
+
+
+def report_category_of(experiment):
+    """Report category of an experiment's files: its dataset and split ("cifar100 / 10-10"), or the
+    experiment's name when it spans several of them."""
+    pairs = _dataset_splits(experiment)
+    if len(pairs) == 1:
+        return " / ".join(pairs[0])
+    return f"{experiment} (all datasets and splits)"
+
+
+def report_category(wildcards):
+    return report_category_of(wildcards.experiment)
+
+
+def report_plot_category(wildcards):
+    """A figure's dataset and split, from its file name (dmnsp.plots writes <kind>_<dataset>_<split>...)."""
+    for dataset, split in _dataset_splits(wildcards.experiment):
+        if f"_{dataset}_{split}" in wildcards.name:
+            return f"{dataset} / {split}"
+    return report_category(wildcards)
+
+
+def report_plot_subcategory(wildcards):
+    """Diagnostics (lambda matrices, AdamW overflow, update norms) apart from the accuracy plots."""
+    if wildcards.name.startswith(("diagnostics_", "lambda_")):
+        return "Diagnostics"
+    return "Plots"
+
+
+# ------------------------------------------------------------------------------- staging
+# Data and weights folders the planned jobs read, fetched by the rules of staging.smk.
+
+
+def _planned_staging():
+    """Every dataset folder and weights folder a planned job reads, with what fetches it."""
+    data, weights = {}, {}
+    settings = [run.settings for run in PLAN.runs.values()]
+    settings += [spec.settings for spec in PLAN.pretrains.values()]
+    for item in settings:
+        staged = staging.staging_for(item)
+        dataset, download = data.get(staged.data_folder, (staged.dataset, False))
+        if dataset != staged.dataset:
+            raise WorkflowError(
+                f"the folder {staged.data_folder} would hold both {dataset} and {staged.dataset}; "
+                "give the imagefolder dataset a dataset_root of its own"
+            )
+        data[staged.data_folder] = (dataset, download or staged.download)
+        if staged.weights_folder:
+            weights.setdefault(
+                staged.weights_folder,
+                (staged.model_name, staged.pretrained, staged.cache_dir),
+            )
+    return data, weights
+
+
+STAGED_DATA, STAGED_WEIGHTS = _planned_staging()
+
+
+def _exactly(paths):
+    return "|".join(re.escape(p) for p in sorted(paths)) or "(?!)"
+
+
+def get_fetch_data_options(wildcards, output):
+    """fetch-data options of a dataset folder: the dataset, the root that holds its (local) copy."""
+    from shlex import quote
+
+    dataset, download = STAGED_DATA[wildcards.data_folder]
+    root = staging.data_root(dataset, output[0])
+    return f"--dataset {dataset} --root {quote(root)}" + (
+        " --download" if download else ""
+    )
+
+
+def get_fetch_weights_options(wildcards):
+    from shlex import quote
+
+    model_name, pretrained, cache_dir = STAGED_WEIGHTS[wildcards.weights_folder]
+    options = f"--model {quote(model_name)} --pretrained {quote(pretrained)}"
+    return options + (f" --cache-dir {quote(cache_dir)}" if cache_dir else "")
 
 
 # ------------------------------------------------------------------------------- resources

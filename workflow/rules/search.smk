@@ -59,6 +59,8 @@ rule search_create_study:
 
 rule search_worker:
     input:
+        # The dataset and weights, staged before any worker starts (workers read them where configured).
+        **staged_data_and_weights(SEARCH.followups[0].settings),
         spec=f"{SEARCH_DIR}/spec.yaml",
         study=f"{SEARCH_DIR}/study.json",
         pretrained=SEARCH.pretrained or [],
@@ -93,43 +95,43 @@ rule search_export:
         best=report(
             f"{SEARCH_DIR}/best_params.yaml",
             caption="../report/search_best.rst",
-            category=SEARCH.experiment,
+            category=report_category_of(SEARCH.experiment),
             subcategory="Search",
         ),
         trials_csv=report(
             f"{SEARCH_DIR}/trials.csv",
             caption="../report/search_trials.rst",
-            category=SEARCH.experiment,
+            category=report_category_of(SEARCH.experiment),
             subcategory="Search",
         ),
         trials_md=report(
             f"{SEARCH_DIR}/trials.md",
             caption="../report/search_trials.rst",
-            category=SEARCH.experiment,
+            category=report_category_of(SEARCH.experiment),
             subcategory="Search",
         ),
         history=report(
             f"{SEARCH_DIR}/plots/optimization_history.png",
             caption="../report/search_history.rst",
-            category=SEARCH.experiment,
+            category=report_category_of(SEARCH.experiment),
             subcategory="Search",
         ),
         importances=report(
             f"{SEARCH_DIR}/plots/param_importances.png",
             caption="../report/search_importances.rst",
-            category=SEARCH.experiment,
+            category=report_category_of(SEARCH.experiment),
             subcategory="Search",
         ),
         slice=report(
             f"{SEARCH_DIR}/plots/slice.png",
             caption="../report/search_slice.rst",
-            category=SEARCH.experiment,
+            category=report_category_of(SEARCH.experiment),
             subcategory="Search",
         ),
         contour=report(
             f"{SEARCH_DIR}/plots/contour.png",
             caption="../report/search_contour.rst",
-            category=SEARCH.experiment,
+            category=report_category_of(SEARCH.experiment),
             subcategory="Search",
         ),
     log:

@@ -26,10 +26,13 @@ rule prepare_run:
 
 
 rule pretrain_model:
+    input:
+        unpack(get_pretrain_input),
     output:
         model=layout.pretrained_model("{pretrain_id}"),
         info=f"{PRETRAINED}/model.json",
         config=layout.run_file(PRETRAINED, layout.CONFIG),
+        provenance=layout.run_file(PRETRAINED, layout.RUN_INFO),
     log:
         f"{PRETRAINED}/logs/pretrain_model.log",
     benchmark:
@@ -43,11 +46,12 @@ rule pretrain_model:
         gpu=job_resource("pretrain_model", "gpu"),
     params:
         settings=get_pretrain_settings,
+        staged=get_staged_options,
     shell:
         "(python -m dmnsp prepare-run --settings-json {params.settings}"
         " --experiment pretrained --label {wildcards.pretrain_id} --out-dir $(dirname {output.config})"
-        " && OMP_NUM_THREADS={threads} python -m dmnsp pretrain --quiet --config {output.config} --out {output.model})"
-        " > {log} 2>&1"
+        " && OMP_NUM_THREADS={threads} python -m dmnsp pretrain --quiet --config {output.config} {params.staged}"
+        " --out {output.model}) > {log} 2>&1"
 
 
 # One job per task (tasks_per_job: 1, the default), resuming from the previous task's checkpoint.
@@ -73,9 +77,10 @@ rule train_task:
         gpu=job_resource("train_task", "gpu"),
     params:
         resume=get_resume_option,
+        staged=get_staged_options,
     shell:
         "OMP_NUM_THREADS={threads} python -m dmnsp train-task --quiet --config {input.config} --task {wildcards.task}"
-        " {params.resume} --out-dir $(dirname {output.eval}) > {log} 2>&1"
+        " {params.resume} --out-dir $(dirname {output.eval}) {params.staged} > {log} 2>&1"
 
 
 # tasks_per_job: k > 1: one job trains tasks first..last in one process, resuming from task first-1's
@@ -105,13 +110,16 @@ for chunk in CHUNK_RULES:
             runtime=job_resource("train_task", "runtime", tasks=len(chunk.tasks)),
             gpu=job_resource("train_task", "gpu"),
         params:
-            # The shell command is formatted when the job runs: no loop variable in it. Plain
-            # strings (wildcards filled in), unlike functions, cost nothing per job in planning.
+            # The shell command is formatted when the job runs: no loop variable in it.
             tasks=f"{chunk.first}-{chunk.last}",
             resume=get_resume_option,
-            run_dir=RUN,
+            staged=get_staged_options,
+        # The run folder is the one holding the job's task outputs (<run>/task<t>/eval.json): under
+        # remote storage, Snakemake's local copy of it.
         shell:
             "OMP_NUM_THREADS={threads} python -m dmnsp train-task --quiet --config {input.config}"
-            " --tasks {params.tasks} {params.resume} --run-dir {params.run_dir} > {log} 2>&1"
+            " --tasks {params.tasks} {params.resume}"
+            f" --run-dir $(dirname $(dirname {{output.eval{chunk.first}}}))"
+            " {params.staged} > {log} 2>&1"
 
     inherit_train_task_settings(chunk)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Submit, status and cancel glue between Snakemake's cluster-generic executor and PBS/SGE/LSF.
 
-Called by workflow/profiles/generic/config.yaml; standard library only, so any python3 on the
+Called by workflow/profiles/generic/profile.yaml; standard library only, so any python3 on the
 login node will do.
 
     cluster.py submit --scheduler pbs --name N --threads T --mem-mb M --runtime MIN --gpus G JOBSCRIPT
