@@ -185,8 +185,30 @@ def validate(cfg: Mapping[str, Any] | None) -> dict:
     )
     if errors:
         raise ConfigError("invalid run configuration: " + _describe(errors[0], schema))
-    out = _fill_defaults(dict(cfg), schema)
+    out = _fill_defaults(_with_method_defaults(cfg, schema), schema)
     return _resolve(out)
+
+
+def _with_method_defaults(cfg: Mapping[str, Any], schema: Mapping) -> dict:
+    """The method's own defaults for the config's dataset and split (:func:`dmnsp.methods.defaults_for`,
+    the official settings) for the keys the config leaves unset; the schema's defaults fill the rest."""
+    props = schema["properties"]
+
+    def given(key: str) -> Any:
+        return cfg.get(key, props[key].get("default"))
+
+    split = f"{given('initial_increment')}-{given('increment')}"
+    out = copy.deepcopy(dict(cfg))
+    for key, value in methods.defaults_for(given("method"), given("dataset"), split).items():
+        node: Any = out
+        for part in key.split("."):
+            node = node.get(part, _UNSET) if isinstance(node, Mapping) else _UNSET
+        if node is _UNSET:
+            set_dotted(out, key, copy.deepcopy(value))
+    return out
+
+
+_UNSET = object()
 
 
 def _check_keys_and_numbers(cfg: Mapping, schema: Mapping, prefix: str = "") -> None:
@@ -253,6 +275,7 @@ def _resolve(cfg: dict) -> dict:
     if cfg["val_fraction"] == 0 and cfg["evaluate_on"] == "val":
         raise ConfigError("'evaluate_on': val needs val_fraction > 0")
     _check_widths(cfg)
+    method.resolve(cfg)
     return cfg
 
 
