@@ -28,7 +28,7 @@ def test_schema_method_enums_match_the_registry():
 
 
 def test_registry_lookup_and_errors():
-    assert methods.names() == ["zeroshot", "finetune", "lwf", "dmnsp"]
+    assert methods.names() == ["zeroshot", "finetune", "lwf", "moe_adapters", "rapf", "dmnsp"]
     assert methods.get("dmnsp").name == "dmnsp"
     with pytest.raises(methods.UnknownMethodError, match="unknown method 'ewc'.*known methods: zeroshot"):
         methods.get("ewc")
@@ -65,6 +65,21 @@ def test_every_method_describes_itself():
         ("dmnsp", "LAMBDA_SCALE", "mode-clean", False),
         ("dmnsp", "TOP_SELECT", "mode-clean", True),
         ("dmnsp", "dataset", None, True),
+        ("dmnsp", "moe.experts", None, False),
+        ("dmnsp", "rapf.beta", None, False),
+        ("moe_adapters", "moe.experts", None, True),
+        ("moe_adapters", "adapter_dim", None, True),
+        ("moe_adapters", "projection.mode", None, True),
+        ("moe_adapters", "LAMBDA_SCALE", None, False),
+        ("moe_adapters", "rapf.threshold", None, False),
+        ("rapf", "rapf.threshold", None, True),
+        ("rapf", "lr", None, True),
+        ("rapf", "epochs", None, True),
+        ("rapf", "adapter_dim", None, False),
+        ("rapf", "warmup_steps", None, False),
+        ("rapf", "ls", None, False),
+        ("rapf", "moe.top_k", None, False),
+        ("lwf", "moe.top_k", None, False),
     ],
 )
 def test_reads_key(method, key, variant, reads):
@@ -88,6 +103,19 @@ def test_reads_key(method, key, variant, reads):
             "dmnsp (mode=clean, basis=concat)",
         ),
         ({"method": "dmnsp", "projection": {"target": "update"}}, "dmnsp (target=update)"),
+        ({"method": "moe_adapters"}, "moe_adapters"),
+        ({"method": "moe_adapters", "projection": {"mode": "clean"}}, "moe_adapters (mode=clean)"),
+        (
+            {"method": "moe_adapters", "moe": {"text_router_token": "eot"}},
+            "moe_adapters (text_router_token=eot)",
+        ),
+        (
+            {"method": "moe_adapters", "moe": {"eval_noise": False, "experts": 4}},
+            "moe_adapters (experts=4, eval_noise=False)",
+        ),
+        ({"method": "rapf"}, "rapf"),
+        ({"method": "rapf", "projection": {"mode": "clean"}}, "rapf (mode=clean)"),
+        ({"method": "rapf", "rapf": {"precision": "fp32", "beta": 1}}, "rapf (beta=1, precision=fp32)"),
         (
             {"method": "dmnsp", "projection": {"basis": "orthonormal", "energy_threshold": 0.9}},
             "dmnsp (basis=orthonormal, energy=0.9)",
@@ -134,3 +162,84 @@ def test_hydra_import_knows_every_registered_method():
     for name in methods.names():
         assert convert_hydra_config({"method": name.upper()})["methods"] == [name]
     assert convert_hydra_config({"method": "zero_shot"})["methods"] == ["zeroshot"]
+
+
+def test_method_defaults_per_dataset_and_split_fill_only_unset_keys():
+    """The official settings become each method's defaults where the config resolves."""
+    moe = validate(
+        {"method": "moe_adapters", "dataset": "cifar100", "initial_increment": 10, "increment": 10}
+    )
+    assert (moe["epochs"], moe["batch_size"], moe["lr"]) == (1, 128, 1e-3)
+    assert moe["moe"] == {
+        "experts": 2,
+        "top_k": 2,
+        "eval_noise": True,
+        "text_router_token": "first",
+        "schedule": "reference",
+    }
+    assert validate({"method": "moe_adapters", "dataset": "cifar100"})["batch_size"] == 64  # 2-2
+    assert (
+        validate(
+            {"method": "moe_adapters", "dataset": "tinyimagenet", "initial_increment": 100, "increment": 10}
+        )["batch_size"]
+        == 64
+    )
+    assert validate({"method": "moe_adapters", "batch_size": 32, "dataset": "cifar100"})["batch_size"] == 32
+    rapf = validate({"method": "rapf", "dataset": "cifar100", "initial_increment": 10, "increment": 10})
+    assert (rapf["epochs"], rapf["batch_size"], rapf["prompt_template"]) == (15, 100, "a good photo of a {}.")
+    assert rapf["eval_transform"] == "center"
+    assert rapf["rapf"] == {
+        "beta": 2.0,
+        "mix_bias": 0.6,
+        "threshold": 0.55,
+        "shrinkage": False,
+        "milestones": [4, 10],
+        "precision": "fp16",
+        "init": "random",
+    }
+    clean = validate({"method": "rapf", "projection": {"mode": "clean"}, "rapf": {"beta": 1}})
+    assert (clean["rapf"]["precision"], clean["rapf"]["init"], clean["rapf"]["beta"]) == (
+        "fp32",
+        "identity",
+        1,
+    )
+    assert clean["rapf"]["mix_bias"] == 0.6  # a nested key the config leaves unset still takes the default
+    # Other methods keep the schema's defaults (DMNSP's settings).
+    dmnsp = validate({"method": "dmnsp", "dataset": "cifar100", "initial_increment": 10, "increment": 10})
+    assert (dmnsp["epochs"], dmnsp["batch_size"], dmnsp["prompt_template"]) == (
+        4,
+        128,
+        "a bad photo of a {}.",
+    )
+    assert validate({"method": "moe_adapters", "projection": {"mode": "clean"}})["moe"]["eval_noise"] is False
+
+
+def test_every_method_default_is_a_valid_setting():
+    for name in methods.names():
+        for dataset, split, keys in methods.get(name).defaults:
+            settings = {"method": name}
+            for key, value in keys.items():
+                node = settings
+                *parents, last = key.split(".")
+                for part in parents:
+                    node = node.setdefault(part, {})
+                node[last] = value
+            resolved = validate(settings)
+            for key, value in keys.items():
+                node = resolved
+                for part in key.split("."):
+                    node = node[part]
+                assert node == value, (name, dataset, split, key)
+
+
+def test_moe_top_k_above_the_experts_is_refused():
+    with pytest.raises(ConfigError, match="'moe.top_k': 3 is more than moe.experts"):
+        validate({"method": "moe_adapters", "moe": {"experts": 2, "top_k": 3}})
+
+
+def test_validate_config_shows_the_method_defaults(tmp_path, capsys):
+    path = tmp_path / "run.yaml"
+    path.write_text("method: rapf\ndataset: cifar100\ninitial_increment: 10\nincrement: 10\n")
+    assert main(["validate-config", "--config", str(path)]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert (shown["epochs"], shown["batch_size"], shown["rapf"]["precision"]) == (15, 100, "fp16")

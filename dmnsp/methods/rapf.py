@@ -139,16 +139,21 @@ def hinge_loss(z: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor, 
     return torch.relu(-(z * positive).sum(-1) + (z * negative).sum(-1) + margin).mean()
 
 
-def fuse(w_new: torch.Tensor, w_old: torch.Tensor, mix_bias: float) -> tuple[torch.Tensor, dict]:
+def fuse(
+    w_new: torch.Tensor, w_old: torch.Tensor, mix_bias: float, svd: tuple | None = None
+) -> tuple[torch.Tensor, dict]:
     """The fusion after a task: in the basis of ``W_old = U S V^T``, ``P_new = U^T W``,
     ``P_old = S V^T``, ``M = min(|P_new - P_old| / max |P_new - P_old| + mix_bias, 1)``, and
     ``W = U (M * P_new + (1 - M) * P_old)``.
+
+    Args:
+        svd: ``(U, S, V^T)`` of ``w_old`` (default: ``torch.linalg.svd``, as the official code).
 
     Returns ``(W, info)``; when the difference is zero everywhere (0 / 0) ``W_old`` is kept and
     ``info["guarded"]`` is True (the official code writes NaN weights there)."""
     import torch
 
-    u, s, vh = torch.linalg.svd(w_old)
+    u, s, vh = torch.linalg.svd(w_old) if svd is None else svd
     p_new = u.T @ w_new
     p_old = torch.diag(s) @ vh
     delta = (p_new - p_old).abs()
