@@ -34,12 +34,9 @@ __all__ = [
     "plot_diagnostics",
 ]
 
-#: Fixed colours: each registered method's own, and published methods the harness does not run.
-#: Other labels (ablations) get a stable hash colour from the palette's remaining hues.
-METHOD_COLORS = {
-    **{name: methods.get(name).color for name in methods.names()},
-    "moe_adapters": "#2ca02c",
-}
+#: Fixed colours: each registered method's own (published methods the harness does not run would
+#: join here). Other labels (ablations) get a stable hash colour from the palette's remaining hues.
+METHOD_COLORS = {name: methods.get(name).color for name in methods.names()}
 _EXTRA_COLORS = tuple(
     color
     for color in (

@@ -465,8 +465,18 @@ def test_paper_configs_expand(path):
     dataset, split = path.stem.split("-", 1)
     initial, increment = map(int, split.split("-"))
     n_classes = {"cifar100": 100, "tinyimagenet": 200}[dataset]
-    assert len(runs) == 3 * (4 + 5)  # 3 seeds × (zeroshot, finetune, lwf, dmnsp + 5 ablations)
-    assert {run.label for run in runs} >= {"zeroshot", "finetune", "lwf", "dmnsp", "dmnsp (mode=clean)"}
+    assert len(runs) == 3 * (
+        6 + 5
+    )  # 3 seeds × (zeroshot, finetune, lwf, moe_adapters, rapf, dmnsp + 5 ablations)
+    assert {run.label for run in runs} >= {
+        "zeroshot",
+        "finetune",
+        "lwf",
+        "moe_adapters",
+        "rapf",
+        "dmnsp",
+        "dmnsp (mode=clean)",
+    }
     assert {run.n_tasks for run in runs} == {1 + (n_classes - initial) // increment}
     assert all(
         run.model_name == "ViT-B-16" and run.settings.get("pretrained", "openai") == "openai" for run in runs

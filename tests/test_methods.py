@@ -243,3 +243,47 @@ def test_validate_config_shows_the_method_defaults(tmp_path, capsys):
     assert main(["validate-config", "--config", str(path)]) == 0
     shown = yaml.safe_load(capsys.readouterr().out)
     assert (shown["epochs"], shown["batch_size"], shown["rapf"]["precision"]) == (15, 100, "fp16")
+
+
+def test_resource_rows_can_select_a_method():
+    from dmnsp.experiments import resources_for
+
+    table = [
+        {"mem_mb": 1000, "runtime": 10},
+        {"rule": "train_task", "model_name": "ViT-B-16", "mem_mb": 24000},
+        {"rule": "train_task", "method": "rapf", "model_name": "ViT-B-16", "mem_mb": 25000},
+        {"rule": "train_task", "method": ["moe_adapters", "lwf"], "runtime": 30},
+    ]
+    assert resources_for(table, "train_task", "cifar100", "ViT-B-16", "rapf")["mem_mb"] == 25000
+    assert resources_for(table, "train_task", "cifar100", "ViT-B-16", "dmnsp")["mem_mb"] == 24000
+    assert resources_for(table, "train_task", "cifar100", "ViT-B-16", "lwf")["runtime"] == 30
+    assert resources_for(table, "train_task", "cifar100", "ViT-B-16")["mem_mb"] == 24000  # no method: no row
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "config" / "paper").glob("*.yaml")), ids=lambda p: p.stem)
+def test_paper_configs_run_both_competitors_with_their_own_settings(path):
+    from dmnsp.experiments import expand_all, resources_for, unflatten
+
+    cfg = yaml.safe_load(path.read_text())
+    plan = expand_all(cfg)
+    (runs,) = plan.experiments.values()
+    resolved = {
+        run.swept["method"]: validate(unflatten(run.settings)) for run in runs if "ablation" not in run.run_id
+    }
+    assert (resolved["moe_adapters"]["epochs"], resolved["rapf"]["epochs"], resolved["dmnsp"]["epochs"]) == (
+        1,
+        15,
+        4,
+    )
+    assert (
+        resolved["rapf"]["prompt_template"] == "a good photo of a {}."
+        and resolved["rapf"]["batch_size"] == 100
+    )
+    assert (
+        resolved["dmnsp"]["prompt_template"]
+        == resolved["moe_adapters"]["prompt_template"]
+        == "a bad photo of a {}."
+    )
+    dmnsp_mem = resources_for(cfg["resources"], "train_task", runs[0].dataset, "ViT-B-16", "dmnsp")["mem_mb"]
+    rapf_mem = resources_for(cfg["resources"], "train_task", runs[0].dataset, "ViT-B-16", "rapf")["mem_mb"]
+    assert rapf_mem > dmnsp_mem

@@ -117,7 +117,7 @@ def training_jobs(n_tasks: int, k: int, runs: int) -> dict[str, int]:
 @pytest.mark.parametrize("path", PAPER, ids=[p.stem for p in PAPER])
 def test_paper_configs_plan_the_full_dag_offline(path):
     counts, elapsed = dry_run(path)
-    runs = 3 * (4 + 5)  # 3 seeds × (zeroshot, finetune, lwf, dmnsp and the 5 ablations)
+    runs = 3 * (6 + 5)  # 3 seeds × (zeroshot, finetune, lwf, moe_adapters, rapf, dmnsp and the 5 ablations)
     k = yaml.safe_load(path.read_text()).get("tasks_per_job", 1)
     assert k > 1  # the paper configs train several tasks per job (benchmarks/README.md)
     assert counts == {
