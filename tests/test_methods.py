@@ -287,3 +287,51 @@ def test_paper_configs_run_both_competitors_with_their_own_settings(path):
     dmnsp_mem = resources_for(cfg["resources"], "train_task", runs[0].dataset, "ViT-B-16", "dmnsp")["mem_mb"]
     rapf_mem = resources_for(cfg["resources"], "train_task", runs[0].dataset, "ViT-B-16", "rapf")["mem_mb"]
     assert rapf_mem > dmnsp_mem
+
+
+MOE_OFFICIAL = """\
+hydra:
+  run:
+    dir: ./experiments/${scenario}/${dataset}_${initial_increment}-${increment}-${method}
+class_order: ""
+dataset_root: ""
+workdir: ""
+log_path: "metrics.json"
+model_name: "ViT-B/16"
+prompt_template: "a bad photo of a {}."
+
+batch_size: 64
+initial_increment: 100
+increment: 10
+scenario: "class"
+dataset: "tinyimagenet"
+
+weight_decay: 0.0
+l2: 0
+ce_method: 0
+
+method: "MoE-Adapters"
+lr: 1e-3
+ls: 0.0
+we:
+avg_freq:
+ref_dataset:
+ref_sentences: random
+"""
+
+
+def test_an_official_moe_adapters_config_imports_with_the_methods_defaults(tmp_path):
+    """JiazuoYu/MoE-Adapters4CL cil/configs/class/tinyimagenet_100-10.yaml, key for key."""
+    from dmnsp.experiments import expand_all
+    from dmnsp.hydra_import import hydra_workflow_config
+
+    path = tmp_path / "tinyimagenet_100-10.yaml"
+    path.write_text(MOE_OFFICIAL)
+    cfg = hydra_workflow_config(path)
+    ((name, spec),) = cfg["experiments"].items()
+    assert name == "tinyimagenet-100-10-moe_adapters" and spec["methods"] == ["moe_adapters"]
+    (run,) = expand_all(cfg).experiments[name]
+    from dmnsp.experiments import unflatten
+
+    resolved = validate(unflatten(run.settings))
+    assert (resolved["batch_size"], resolved["epochs"], resolved["moe"]["experts"]) == (64, 1, 2)
