@@ -79,7 +79,8 @@ class MoEAdapters(Method):
         "moe-eot-router": {"moe.text_router_token": "eot"},
     }
     # The official configs (cil/configs/class/*.yaml): one epoch, AdamW 1e-3 without decay, no
-    # label smoothing, batch 128 (64 for CIFAR100 2-2 and TinyImageNet).
+    # label smoothing, batch 128 (64 for CIFAR100 2-2 and TinyImageNet); evaluation in batches of 64
+    # (cil/main.py), which matters in faithful mode: each batch draws its own text-gate noise.
     defaults = (
         (
             "*",
@@ -91,6 +92,7 @@ class MoEAdapters(Method):
                 "weight_decay": 0.0,
                 "ls": 0.0,
                 "prompt_template": "a bad photo of a {}.",
+                "eval_batch_size": 64,
             },
         ),
         ("cifar100", "2-2", {"batch_size": 64}),

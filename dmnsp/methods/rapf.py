@@ -250,6 +250,7 @@ class RAPF(Method):
                 "weight_decay": 0.0,
                 "prompt_template": "a good photo of a {}.",
                 "eval_transform": "center",
+                "eval_batch_size": 128,
                 "rapf.beta": 2.0,
                 "rapf.mix_bias": 0.6,
                 "rapf.threshold": 0.55,
