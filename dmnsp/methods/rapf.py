@@ -409,6 +409,8 @@ class RAPF(Method):
         t0 = time.perf_counter()
         features, labels = self._task_features(ctx)
         means, covs = class_statistics(features, labels + self.n_old)
+        # Fewer images than dimensions leave a class covariance singular but for the ridge.
+        self.class_images = int(torch.bincount(labels).min()) if len(labels) else 0
         self.seconds["statistics"] = time.perf_counter() - t0
         w = self.w.detach()
         fusion: dict[str, Any] = {}
@@ -455,6 +457,8 @@ class RAPF(Method):
                 "hinge": _summary(self.hinge),
                 "map_change_norm": float((self.w.detach() - self.w_start).norm()),
                 "fusion": fusion or None,
+                "min_images_per_class": self.class_images,
+                "embed_dim": int(self.w.shape[0]),
                 "state_mb": sum(t.numel() * t.element_size() for ts in state.values() for t in ts) / 2**20,
             }
         }
