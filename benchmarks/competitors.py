@@ -83,14 +83,17 @@ def time_run(method: str, pretrained: str, root: Path) -> dict:
     wall = time.perf_counter() - t0
     metrics = json.loads((out / "metrics.json").read_text())
     steps = [json.loads((out / f"task{t}" / "diagnostics.json").read_text())["steps"] for t in range(5)]
+    from dmnsp.config import validate
+
+    resolved = validate(settings)
     return {
         "method": method,
         "wall_s": wall,
         "avg": metrics["avg"],
         "last": metrics["last"],
         "steps": steps,
-        "epochs": settings.get("epochs"),
-        "batch_size": settings.get("batch_size"),
+        "epochs": resolved["epochs"],
+        "batch_size": resolved["batch_size"],
         "tail": proc.stdout[-200:],
     }
 
