@@ -335,3 +335,35 @@ def test_an_official_moe_adapters_config_imports_with_the_methods_defaults(tmp_p
 
     resolved = validate(unflatten(run.settings))
     assert (resolved["batch_size"], resolved["epochs"], resolved["moe"]["experts"]) == (64, 1, 2)
+
+
+@pytest.mark.parametrize("method", ["moe_adapters", "rapf"])
+def test_cli_run_then_evaluate_a_checkpoint_gives_the_same_row(tmp_path, method):
+    """Every path that builds a model prepares it for the method: `dmnsp evaluate` restores MoE's
+    experts and applies RAPF's map from the checkpoint, and scores as the run did (the evaluation
+    is seeded, the noise and crops included)."""
+    import json
+
+    from fakes import mini_run_config
+
+    # RAPF in fp32: the tiny CLIP's features vary in at most 63 of their 64 dimensions (a LayerNorm
+    # before a square projection), and fp16 covariances lose the ridge there (config/README.md).
+    config = mini_run_config(
+        tmp_path, method=method, initial_increment=2, increment=2, max_steps=2, rapf={"precision": "fp32"}
+    )
+    out = tmp_path / "run"
+    assert main(["run", "--config", str(config), "--out-dir", str(out), "--quiet"]) == 0
+    for task in (0, 1):
+        row = json.loads((out / f"task{task}" / "eval.json").read_text())
+        again = tmp_path / f"again{task}.json"
+        args = [
+            "evaluate",
+            "--config",
+            str(config),
+            "--checkpoint",
+            str(out / f"task{task}" / "checkpoint.pt"),
+        ]
+        assert main([*args, "--out", str(again), "--quiet"]) == 0
+        fresh = json.loads(again.read_text())
+        assert fresh["accuracy_per_task"] == row["accuracy_per_task"]
+        assert fresh["predictions_per_class"] == row["predictions_per_class"]

@@ -20,6 +20,7 @@ from dmnsp.methods.rapf import (
     COVS,
     MAP,
     MEANS,
+    cholesky_factors,
     class_statistics,
     classes_per_batch,
     epoch_rates,
@@ -69,6 +70,21 @@ def test_class_statistics_are_unbiased_with_the_ridge():
     means16, covs16 = class_statistics(features.half(), labels)
     assert means16.dtype == torch.float32 and covs16[0].dtype == torch.float32
     torch.testing.assert_close(covs16[1], covs[1], rtol=2e-3, atol=2e-3)
+
+
+def test_a_covariance_that_is_not_positive_definite_stops_with_the_fixes():
+    from dmnsp.train import NonFiniteError
+
+    good = torch.tensor([[2.0, 0.5], [0.5, 1.0]])
+    (factor,) = cholesky_factors([good], shrinkage=False)
+    torch.testing.assert_close(factor @ factor.T, good)
+    bad = torch.tensor([[1.0, 2.0], [2.0, 1.0]])  # eigenvalues 3 and -1
+    with pytest.raises(NonFiniteError, match=r"class 1 is not positive definite.*rapf.precision: fp32"):
+        cholesky_factors([good, bad], shrinkage=False)
+    # Shrinkage adds the mean diagonal (1) on the diagonal and the mean off-diagonal (2) off it:
+    # [[2, 4], [4, 2]], still indefinite; the error names the same fixes.
+    with pytest.raises(NonFiniteError, match="rapf.shrinkage: true"):
+        cholesky_factors([bad], shrinkage=True)
 
 
 def test_hard_pairs_on_hand_made_text_features():

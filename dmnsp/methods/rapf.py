@@ -89,16 +89,32 @@ def class_statistics(
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Per class, in increasing label order: the mean of its feature rows and their unbiased
     covariance plus ``ridge * I`` (float32; means and covariances keep the features' dtype first,
-    as the official fp16 run does). Returns ``(means (C x d) float32, [cov (d x d) float32])``."""
+    as the official fp16 run does: the float32 ridge promotes the covariance).
+    Returns ``(means (C x d) float32, [cov (d x d) float32])``."""
     import torch
 
     means, covs = [], []
     eye = torch.eye(features.shape[-1], device=features.device)
     for label in torch.unique(labels, sorted=True):
-        rows = features[labels == label]
-        means.append(rows.mean(dim=0).float())
-        covs.append(torch.cov(rows.t()) + ridge * eye)
+        mean, cov = _mean_cov(features[labels == label])
+        means.append(mean.float())
+        covs.append(cov + ridge * eye)
     return torch.stack(means), covs
+
+
+def _mean_cov(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and unbiased covariance (``torch.cov``) of feature rows, in their dtype. Half-precision
+    rows are computed as a GPU computes ``torch.cov`` of half tensors (mean, centring, product,
+    division: float32 arithmetic, each result rounded to half); torch's CPU half kernels round more."""
+    import torch
+
+    if rows.dtype != torch.float16:
+        return rows.mean(dim=0), torch.cov(rows.t())
+    x = rows.float()
+    mean = x.mean(dim=0).half()
+    centred = (x - mean.float()).half().float()
+    product = (centred.t() @ centred).half().float()
+    return mean, (product / (len(rows) - 1)).half()
 
 
 def hard_pairs(text: torch.Tensor, n_old: int, threshold: float) -> torch.Tensor:
@@ -117,6 +133,32 @@ def hard_pairs(text: torch.Tensor, n_old: int, threshold: float) -> torch.Tensor
     pairs = torch.nonzero(dist < threshold)
     pairs[:, 1] += n_old
     return pairs
+
+
+def cholesky_factors(covs: Sequence[torch.Tensor], shrinkage: bool) -> list[torch.Tensor]:
+    """The lower Cholesky factor of each class covariance (shrunk first with ``shrinkage``).
+
+    Raises:
+        dmnsp.train.NonFiniteError: a covariance that is not positive definite (a class with fewer
+            images than dimensions, rounded to fp16, can lose what the 1e-4 ridge gives it), naming
+            the class and the fixes.
+    """
+    import torch
+
+    from ..train import NonFiniteError
+
+    out = []
+    for c, cov in enumerate(covs):
+        factor, info = torch.linalg.cholesky_ex(shrink_cov(cov) if shrinkage else cov)
+        if int(info):
+            raise NonFiniteError(
+                f"RAPF: the covariance of class {c} is not positive definite (its features vary in fewer "
+                f"than their {cov.shape[0]} dimensions, and the rounding of rapf.precision fp16 outweighs "
+                "the 1e-4 ridge); use rapf.precision: fp32, rapf.shrinkage: true, or more training images "
+                "per class"
+            )
+        out.append(factor)
+    return out
 
 
 def replay_classes(order: Sequence[int], batch: int, m: int) -> list[int]:
@@ -327,7 +369,7 @@ class RAPF(Method):
         self.w_start = w.clone()
         self.w_old = w.clone() if ctx.state else None
         # The Cholesky factor of each old class, once per task (the official code refactors per draw).
-        self.chol = [torch.linalg.cholesky(shrink_cov(c) if opts["shrinkage"] else c) for c in self.covs]
+        self.chol = cholesky_factors(self.covs, opts["shrinkage"])
         names = [*ctx.previous_class_names, *ctx.class_names]
         tokens = tokenize_prompts(ctx.tokenizer, names, cfg["prompt_template"]).to(ctx.device)
         with torch.no_grad():
