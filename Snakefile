@@ -8,16 +8,35 @@
 # A config given with --configfile replaces config/config.yaml (it is not merged into it), so
 # each file under config/ describes a complete set of experiments. See config/README.md.
 
+from snakemake.exceptions import WorkflowError
 from snakemake.utils import min_version, validate
+
+from dmnsp.config import ConfigError, check_workflow_config
 
 min_version("9.0")
 
+SCHEMA = f"{workflow.basedir}/workflow/schemas/config.schema.yaml"
+
+
+# dmnsp's bounded reader on the config files, a bounded walk of `config` and its schema, before
+# anything else reads or walks them (dmnsp.config.check_workflow_config): one line, not a hang.
 if not workflow.overwrite_configfiles:
+    # Before Snakemake's own reader, which answers a non-UTF-8 or too deep file with a traceback.
+    try:
+        check_workflow_config({}, ["config/config.yaml"])
+    except ConfigError as exc:
+        raise WorkflowError(f"invalid workflow config: {exc}") from None
 
     configfile: "config/config.yaml"
 
 
-validate(config, "workflow/schemas/config.schema.yaml")
+try:
+    check_workflow_config(config, workflow.configfiles, SCHEMA)
+except ConfigError as exc:
+    raise WorkflowError(f"invalid workflow config: {exc}") from None
+
+# Fills the schema's defaults (the check above validated already).
+validate(config, SCHEMA)
 
 
 include: "workflow/rules/common.smk"

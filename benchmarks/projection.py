@@ -7,7 +7,8 @@ Part 1, per step: a ``dmnsp`` step (forward + backward + ``ProjectionPlan.apply`
 ``finetune`` step (the same without the projection) on the same model and batch. The plan is built
 by ``dmnsp.methods.dmnsp.build_plan`` from realistic bases: 10 tasks of faithful concat history per layer
 (V of D × 10(D-1)), coefficients from the batch's own adapter outputs. The per-step overhead is the
-``plan.apply`` cost (one matmul per adapter weight); it is timed alone (many repetitions, stable)
+``plan.apply`` cost (the faithful default, projection.order reference: 2 thin products per basis and
+adapter weight; benchmarks/projection_order.py sets both orders side by side); it is timed alone (many repetitions, stable)
 and also shown as the difference of the two step medians (noisy on a shared machine).
 
 Part 2, per task, ViT-B-16 width 768 with 10 tasks of history: the Gram matrices, the SVD per layer
@@ -47,7 +48,7 @@ from dmnsp import nullspace as ns  # noqa: E402
 from dmnsp.adapters import adapters, recorded_outputs, set_recording  # noqa: E402
 from dmnsp.config import validate  # noqa: E402
 from dmnsp.methods.dmnsp import build_plan  # noqa: E402
-from dmnsp.model import clip_logits, create_clip, encode_image, encode_text  # noqa: E402
+from dmnsp.model import clip_logits, create_clip, encode_image, encode_text, logit_scale  # noqa: E402
 
 OVERHEAD_TARGET = 0.05  # of a finetune step, ViT-B-16
 LAMBDA_BASIS_TARGET = 1.0  # seconds per task, CPU, ViT-B-16, 10 tasks of history
@@ -106,7 +107,11 @@ class StepBench:
 
     def step(self, projected: bool) -> None:
         model = self.model
-        logits = clip_logits(encode_image(model, self.images), encode_text(model, self.tokens))
+        logits = clip_logits(
+            encode_image(model, self.images),
+            encode_text(model, self.tokens),
+            logit_scale(model, "checkpoint"),
+        )
         loss = F.cross_entropy(logits.float(), self.labels)
         opt = self.dm_opt if projected else self.ft_opt
         opt.zero_grad(set_to_none=True)

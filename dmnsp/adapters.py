@@ -119,11 +119,15 @@ class AdapterMismatchError(ValueError):
     """Saved adapter state (or method state) that does not fit the model's adapters."""
 
 
-def state_mismatch(
-    model: nn.Module, state: dict[str, torch.Tensor], bases: dict[str, list[torch.Tensor]] | None = None
-) -> str | None:
-    """Why ``state`` (adapter parameters) and ``bases`` (per tower, per layer, rows = the adapter's
-    output width) do not fit ``model``'s adapters, or None when they do."""
+def adapter_widths(model: nn.Module) -> dict[str, list[int]]:
+    """Per tower, the output width of each layer's adapter: the residual stream it adds to (read from
+    the block, so a method's own adapter module, MoE's mixture or RAPF's empty slot, has one too)."""
+    return {tower: [b.block.ln_2.normalized_shape[0] for b in tower_blocks(model, tower)] for tower in TOWERS}
+
+
+def state_mismatch(model: nn.Module, state: dict[str, torch.Tensor]) -> str | None:
+    """Why ``state`` (adapter parameters) does not fit ``model``'s adapters, or None when it does.
+    (A method's own state is checked by the method: :meth:`dmnsp.methods.Method.state_mismatch`.)"""
     own = {k: v for k, v in model.state_dict().items() if ".adapter." in k}
     if set(state) != set(own):
         missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
@@ -131,15 +135,6 @@ def state_mismatch(
     for name, value in state.items():
         if tuple(value.shape) != tuple(own[name].shape):
             return f"adapter {name} is {list(value.shape)}, the model's is {list(own[name].shape)}"
-    for tower, vs in (bases or {}).items():
-        if tower not in TOWERS:
-            return f"bases of an unknown tower {tower!r}"
-        widths = [a.up.weight.shape[0] for a in adapters(model, tower)]
-        if len(vs) != len(widths):
-            return f"{len(vs)} {tower} bases for {len(widths)} layers"
-        for layer, (v, width) in enumerate(zip(vs, widths, strict=True)):
-            if v.shape[0] != width:
-                return f"{tower} basis {layer} has {v.shape[0]} rows, the adapter's width is {width}"
     return None
 
 

@@ -69,7 +69,7 @@ _CONFIG_KEYS = (
     "lr",
     "epochs",
 )
-_PROJECTION_KEYS = ("mode", "towers", "layers", "lambda", "basis", "energy_threshold", "eig")
+_PROJECTION_KEYS = ("mode", "towers", "layers", "lambda", "basis", "energy_threshold", "eig", "order")
 #: Settings read from every run (more come from ``run.json``'s ``settings``): grouping keys of the summary.
 BASE_SETTINGS = (
     "experiment",

@@ -4,7 +4,7 @@ Every reader of a file dmnsp did not just write itself goes through here, so a h
 costs at most a bounded amount of time and memory and ends in one :class:`BoundsError` line:
 
 * :func:`read_regular_text` reads only regular files (a FIFO would block, a device never end),
-  at most ``max_bytes``, strictly UTF-8.
+  at most ``max_bytes``, strictly UTF-8 (a leading byte-order mark dropped).
 * :func:`check_tree` walks a parsed document counting every node *as expanded*: a YAML alias
   bomb (``a: &a [x, x]``, ``b: &b [*a, *a]``, ...) shares objects, so it parses in microseconds and
   explodes only when something walks it (schema validation, ``json.dumps``, ``deepcopy``). The walk
@@ -64,7 +64,8 @@ def read_regular_text(path: str | Path, what: str, max_bytes: int = MAX_TEXT_BYT
             "or a config a person writes: check the path"
         )
     try:
-        return data.decode("utf-8")
+        # utf-8-sig: a leading byte-order mark (Excel's "CSV UTF-8", Notepad) is not part of the text.
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise BoundsError(
             f"{what} {path} is not UTF-8 text (byte {exc.start}: {exc.reason}); save it as UTF-8"

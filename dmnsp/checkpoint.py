@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from . import __version__
+from .bounded import BoundsError, loads_json
 from .config import config_diff, config_hash, state_config
 from .io import atomic_save
 
@@ -48,6 +49,9 @@ LEGACY_FORMAT_VERSION = 1
 
 CHUNK = 16 << 20  # bytes hashed and copied per step
 MAX_HEADER = 64 << 20  # a header larger than this is not one of ours
+MAX_DIMS = 8  # dimensions of a stored tensor or view (dmnsp writes at most 2)
+MAX_DIM = 2**31 - 1  # size of one dimension (a zero-size tensor allocates nothing, but torch
+# rejects sizes past 2**63, and no dmnsp tensor has a side this long)
 DIGEST_PREFIX = b'{"__metadata__":{"sha256":"'  # the header starts with this; the digest follows
 DIGEST_LEN = 64
 DIGEST_OFFSET = 8 + len(DIGEST_PREFIX)  # where the 64 hex digits sit in the file
@@ -234,6 +238,23 @@ def _malformed(path: Path, why: str) -> CheckpointError:
     )
 
 
+def _short(value: Any, limit: int = 120) -> str:
+    """``value`` as text cut to ``limit`` characters: a crafted field never floods the error line."""
+    text = " ".join(str(value).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _shape_problem(shape: Any) -> str | None:
+    """Why ``shape`` is not a tensor shape dmnsp could have written (None when it is)."""
+    if not isinstance(shape, list) or not all(type(d) is int for d in shape):
+        return "is not a list of integers"
+    if len(shape) > MAX_DIMS:
+        return f"has {len(shape)} dimensions (at most {MAX_DIMS})"
+    if any(not 0 <= d <= MAX_DIM for d in shape):
+        return f"has a dimension outside 0..{MAX_DIM}"
+    return None
+
+
 def _read_exact(fh: BinaryIO, view: memoryview) -> int:
     got = 0
     while got < len(view):
@@ -252,20 +273,24 @@ def _layout(path: Path, header: dict, data_size: int) -> list[tuple[str, str, li
         if name == "__metadata__":
             continue
         if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
-            raise _corrupt(path, f"bad entry for tensor {name!r}")
+            raise _corrupt(path, f"bad entry for tensor {_short(repr(name))}")
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if dtype not in DTYPES:
-            raise _corrupt(path, f"tensor {name!r} has unknown dtype {dtype!r}")
-        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-            raise _corrupt(path, f"tensor {name!r} has a bad shape {shape!r}")
+        if not isinstance(dtype, str) or dtype not in DTYPES:
+            raise _corrupt(path, f"tensor {_short(repr(name))} has unknown dtype {_short(repr(dtype))}")
+        problem = _shape_problem(shape)
+        if problem is not None:
+            raise _corrupt(path, f"tensor {_short(repr(name))}'s shape {_short(shape)} {problem}")
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
-            raise _corrupt(path, f"tensor {name!r} has bad data offsets {offsets!r}")
+            raise _corrupt(path, f"tensor {_short(repr(name))} has bad data offsets {_short(offsets)}")
         entries.append((offsets, name, dtype, shape))
     out, offset = [], 0
     for offsets, name, dtype, shape in sorted(entries, key=lambda e: e[0]):  # in file order
         nbytes = int(np.prod(shape, dtype=object)) * DTYPES[dtype].itemsize
         if offsets != [offset, offset + nbytes]:
-            raise _corrupt(path, f"tensor {name!r} has data offsets {offsets} for {nbytes} bytes at {offset}")
+            raise _corrupt(
+                path,
+                f"tensor {_short(repr(name))} has data offsets {_short(offsets)} for {nbytes} bytes at {offset}",
+            )
         offset += nbytes
         out.append((name, dtype, shape))
     if offset != data_size:
@@ -287,11 +312,13 @@ def _read_v2(path: Path, fh: BinaryIO, size: int) -> tuple[dict, dict[str, torch
     start = len(DIGEST_PREFIX)
     expected = raw[start : start + DIGEST_LEN]
     digest.update(head + raw[:start] + b"0" * DIGEST_LEN + raw[start + DIGEST_LEN :])
-    try:
-        header = json.loads(raw)
+    try:  # bounded: a header nested past the recursion limit is an error, not a traceback
+        header = loads_json(raw, "header", allow_nan=False)
         meta = header["__metadata__"]
+    except BoundsError:
+        raise _corrupt(path, "the header nests too deep or holds too many values") from None
     except (ValueError, KeyError, TypeError) as exc:
-        raise _corrupt(path, f"unreadable header: {exc}") from None
+        raise _corrupt(path, f"unreadable header: {_short(exc)}") from None
     if not isinstance(header, dict) or not isinstance(meta, dict):
         raise _corrupt(path, "unreadable header")
     tensors = {}
@@ -310,15 +337,15 @@ def _read_v2(path: Path, fh: BinaryIO, size: int) -> tuple[dict, dict[str, torch
 def _state_v2(path: Path, meta: dict, tensors: dict[str, torch.Tensor]) -> tuple[dict, TaskState]:
     """The checksum matched: check that the content is what dmnsp writes, field by field."""
     if meta.get("format") != FORMAT_NAME:
-        raise _malformed(path, f"format {meta.get('format')!r}, expected {FORMAT_NAME!r}")
+        raise _malformed(path, f"format {_short(repr(meta.get('format')))}, expected {FORMAT_NAME!r}")
     if meta.get("format_version") != str(FORMAT_VERSION):
         raise CheckpointError(
-            f"checkpoint {path} has format version {meta.get('format_version')!r}; this dmnsp reads "
+            f"checkpoint {path} has format version {_short(repr(meta.get('format_version')))}; this dmnsp reads "
             f"versions {LEGACY_FORMAT_VERSION} and {FORMAT_VERSION}: use the dmnsp that wrote it or rerun the task"
         )
     try:
-        body = json.loads(meta["state"])
-    except (KeyError, TypeError, ValueError):
+        body = loads_json(meta["state"], "'state' metadata", allow_nan=False)
+    except (KeyError, TypeError, ValueError):  # BoundsError is a ValueError
         raise _malformed(path, "no readable 'state' metadata") from None
     if not isinstance(body, dict):
         raise _malformed(path, "'state' metadata is not a JSON object")
@@ -327,7 +354,7 @@ def _state_v2(path: Path, meta: dict, tensors: dict[str, torch.Tensor]) -> tuple
     bases: dict[str, dict[int, torch.Tensor]] = {}
     for name, t in tensors.items():
         if not TENSOR_NAME.match(name):
-            raise _malformed(path, f"unexpected tensor {name!r}")
+            raise _malformed(path, f"unexpected tensor {_short(repr(name))}")
         kind, _, rest = name.partition("/")
         if kind == "rng":
             if t.dtype != torch.uint8 or t.dim() != 1:
@@ -354,37 +381,49 @@ def _state_v2(path: Path, meta: dict, tensors: dict[str, torch.Tensor]) -> tuple
     return body, TaskState(-1, adapters, lists, [])
 
 
-def _ints(x: Any) -> bool:
-    return isinstance(x, list) and all(type(i) is int and i >= 0 for i in x)
+def _view_problem(view: Any, numel: int) -> str | None:
+    """Why ``view`` (``{shape, stride, offset}``) is not a view dmnsp could have saved of a storage of
+    ``numel`` elements: every element it addresses lies inside the storage and no two of its indices
+    address the same element (a stride-0 or overlapping view would pass a huge tensor through a
+    small file). None when it is such a view."""
+    if not isinstance(view, dict) or set(view) != {"shape", "stride", "offset"}:
+        return "is not an object of shape, stride and offset"
+    shape, stride, offset = view["shape"], view["stride"], view["offset"]
+    problem = _shape_problem(shape)
+    if problem is not None:
+        return f"has a shape {_short(shape)} that {problem}"
+    if not isinstance(stride, list) or len(stride) != len(shape) or not all(type(s) is int for s in stride):
+        return f"has strides {_short(stride)}, not {len(shape)} integers"
+    if any(not 0 <= s <= MAX_DIM * MAX_DIM for s in stride) or type(offset) is not int or offset < 0:
+        return f"has strides {_short(stride)} or offset {_short(offset)} negative or out of range"
+    if int(np.prod(shape, dtype=object)) == 0:
+        return None if offset <= numel else f"starts past its storage of {numel} elements"
+    reach = 0  # the largest offset (from ``offset``) reached by the dimensions taken so far
+    for size, step in sorted((d for d in zip(shape, stride, strict=True) if d[0] > 1), key=lambda d: d[1]):
+        if step <= reach:  # this dimension steps back onto elements the smaller ones already address
+            return f"addresses some elements twice (shape {shape}, strides {stride})"
+        reach += (size - 1) * step
+    if offset + reach >= numel:
+        return f"reaches past its storage of {numel} elements"
+    return None
 
 
 def _apply_views(path: Path, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
     """Turn stored storages back into the strided views they were saved from (see _on_disk)."""
     try:
-        views = json.loads(meta.get("views", "{}"))
-    except (TypeError, ValueError):
+        views = loads_json(meta.get("views", "{}"), "'views' metadata", allow_nan=False)
+    except (TypeError, ValueError):  # BoundsError is a ValueError
         raise _malformed(path, "unreadable 'views' metadata") from None
     if not isinstance(views, dict):
         raise _malformed(path, "'views' metadata is not a JSON object")
     for name, view in views.items():
         storage = tensors.get(name)
         if storage is None or storage.dim() != 1:
-            raise _malformed(path, f"a view of {name!r} without a 1-D storage of that name")
-        if not isinstance(view, dict) or set(view) != {"shape", "stride", "offset"}:
-            raise _malformed(path, f"bad view of {name!r}")
-        shape, stride, offset = view["shape"], view["stride"], view["offset"]
-        if not (_ints(shape) and _ints(stride) and len(shape) == len(stride) and _ints([offset])):
-            raise _malformed(path, f"bad view of {name!r}: {view}")
-        last = (
-            offset + sum((n - 1) * s for n, s in zip(shape, stride, strict=True))
-            if all(shape)
-            else offset - 1
-        )
-        if last >= storage.numel():
-            raise _malformed(
-                path, f"the view of {name!r} reaches past its storage of {storage.numel()} elements"
-            )
-        tensors[name] = storage.as_strided(shape, stride, offset)
+            raise _malformed(path, f"a view of {_short(repr(name))} without a 1-D storage of that name")
+        problem = _view_problem(view, storage.numel())
+        if problem is not None:
+            raise _malformed(path, f"bad view of {name!r}: it {problem}")
+        tensors[name] = storage.as_strided(view["shape"], view["stride"], view["offset"])
 
 
 def _read_v1(path: Path, fh: BinaryIO) -> tuple[dict, TaskState]:
@@ -440,6 +479,10 @@ def load_checkpoint(path: str | Path, cfg: dict | None = None, expect_task: int 
         CheckpointError: missing, truncated/corrupt, malformed, other config, or other task.
     """
     path = Path(path)
+    if path.exists() and not path.is_file():  # a folder, FIFO or device: never opened
+        raise CheckpointError(
+            f"checkpoint {path} is not a regular file; give the path of a task's checkpoint.pt"
+        )
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist; run the previous task first")
     with path.open("rb") as fh:
@@ -453,9 +496,9 @@ def load_checkpoint(path: str | Path, cfg: dict | None = None, expect_task: int 
             body, state = _state_v2(path, meta, tensors)
     _check_body(path, body)
     if cfg is not None and body["config_hash"] != config_hash(cfg):
-        diff = config_diff(body["config"], state_config(cfg))
+        diff = [_short(line) for line in config_diff(body["config"], state_config(cfg))[:5]]
         raise CheckpointError(
-            f"checkpoint {path} was made with another configuration ({'; '.join(diff[:5]) or 'hash differs'}); "
+            f"checkpoint {path} was made with another configuration ({'; '.join(diff) or 'hash differs'}); "
             "resume with the config that wrote it or start the run again from task 0"
         )
     if expect_task is not None and body["task"] != expect_task:

@@ -36,13 +36,17 @@ def _load(args):
 
 def _json_object(text: str, option: str) -> dict:
     """A command-line JSON object (the workflow writes them); malformed JSON is a user error."""
+    from .bounded import BoundsError, loads_json
     from .config import ConfigError
 
     try:
-        value = json.loads(text)
+        value = loads_json(text, option, allow_nan=False)  # bounded: nesting, size (never a RecursionError)
+    except BoundsError as exc:
+        raise ConfigError(str(exc)) from None
     except ValueError as exc:
         raise ConfigError(
-            f"{option} is not valid JSON ({exc}); pass one JSON object such as '{{\"lr\": 0.001}}'"
+            f"{option} is not valid JSON ({' '.join(str(exc).split())[:200]}); pass one JSON object such as "
+            "'{\"lr\": 0.001}'"
         ) from None
     if not isinstance(value, dict):
         raise ConfigError(f"{option} must be one JSON object, got {type(value).__name__}")
@@ -53,14 +57,27 @@ def cmd_run(args) -> int:
     from . import guard, layout
     from .methods import run_label
 
-    cfg = _load(args)
-    out = Path(args.out_dir) if args.out_dir else None
-    if out is None:
-        return _run(args, cfg, None)
-    with guard.locked(out, "dmnsp run"):  # one process per folder, released however the run ends
-        guard.claim_run_dir(out, cfg, overwrite=args.overwrite)
+    if args.out_dir is None:
+        return _run(args, _load(args), None)
+    out = Path(args.out_dir)
+    command = "dmnsp run --overwrite" if args.overwrite else "dmnsp run"
+    with guard.locked(out, command):  # the run's one lock, released however the run ends
+        cfg = _load(args)
+        if not guard.claim_run_dir(out, cfg, overwrite=args.overwrite):
+            return _finish_run(args, out)  # every task finished, the run stopped before its end files
         layout.write_run_info(out, cfg, experiment="cli", label=run_label(cfg), settings={})
         return _run(args, cfg, out)
+
+
+def _finish_run(args, out: Path) -> int:
+    from . import layout
+
+    metrics = layout.write_run_metrics(out)
+    avg, last = (f"{x:.4f}" if isinstance(x, float) else "n/a" for x in (metrics["avg"], metrics["last"]))
+    print(f"Avg {avg}  Last {last}  ({metrics['n_tasks_done']} tasks)")
+    print(f"wrote {out}")
+    _warn_health(args.command, metrics["health"])
+    return 0
 
 
 def _run(args, cfg: dict, out: Path | None) -> int:
@@ -97,21 +114,20 @@ def _warn_health(command: str, health: dict) -> None:
 
 
 def cmd_prepare_run(args) -> int:
-    from . import layout
+    from . import guard, layout
     from .config import load_config, parse_overrides
     from .methods import run_label
 
     swept = parse_overrides(args.overrides)  # the run's own settings, recorded in run.json
     settings = _json_object(args.settings_json, "--settings-json") if args.settings_json else {}
     settings.update(swept)
-    cfg = load_config(args.config, settings)
-    layout.write_run_info(args.out_dir, cfg, args.experiment, args.label or run_label(cfg), swept)
+    with guard.locked(args.out_dir, "dmnsp prepare-run"):  # the run's one lock
+        cfg = load_config(args.config, settings)
+        layout.write_run_info(args.out_dir, cfg, args.experiment, args.label or run_label(cfg), swept)
     return 0
 
 
 def cmd_train_task(args) -> int:
-    from contextlib import ExitStack
-
     from . import guard
     from .layout import task_dir
     from .runner import run_one_task, run_tasks
@@ -119,27 +135,33 @@ def cmd_train_task(args) -> int:
     def report(t: int, row: dict) -> None:
         print(f"task {t}: accuracy {row['accuracy']:.4f} on {row['n_samples']} images", flush=True)
 
-    cfg = _load(args)
     if args.tasks is None:
-        out_dir = args.out_dir if args.out_dir is not None else task_dir(args.run_dir, args.task)
-        guard.check_task_dir(out_dir, args.task, args.resume)
-        with guard.locked(out_dir, f"dmnsp train-task --task {args.task}"):
-            report(args.task, run_one_task(cfg, args.task, args.resume, out_dir, progress=not args.quiet))
-        return 0
-    if args.run_dir is None:
+        first = last = args.task
+        folders = {first: args.out_dir if args.out_dir is not None else task_dir(args.run_dir, first)}
+    elif args.run_dir is None:
         from .config import ConfigError
 
         raise ConfigError(
             "--tasks writes one folder per task: give --run-dir (the run folder), not --out-dir"
         )
-    first, last = args.tasks
-    folders = {t: task_dir(args.run_dir, t) for t in range(first, last + 1)}
-    for t, folder in folders.items():
-        guard.check_task_dir(folder, t, args.resume)
-    with ExitStack() as stack:  # each task folder locked, as a one-task job would lock it
-        for folder in folders.values():
-            stack.enter_context(guard.locked(folder, f"dmnsp train-task --tasks {first}-{last}"))
-        run_tasks(cfg, first, last, args.resume, args.run_dir, progress=not args.quiet, on_task_end=report)
+    else:
+        first, last = args.tasks
+        folders = {t: task_dir(args.run_dir, t) for t in range(first, last + 1)}
+    run = args.run_dir if args.run_dir is not None else guard.run_lock_folder(args.out_dir)
+    which = f"--task {args.task}" if args.tasks is None else f"--tasks {first}-{last}"
+    with guard.locked(run, f"dmnsp train-task {which}"):  # the run's one lock, as every writer of it
+        cfg = _load(args)
+        for t, folder in folders.items():
+            guard.check_task_dir(folder, t, args.resume, cfg)
+        if args.tasks is None:
+            report(
+                args.task,
+                run_one_task(cfg, args.task, args.resume, folders[args.task], progress=not args.quiet),
+            )
+        else:
+            run_tasks(
+                cfg, first, last, args.resume, args.run_dir, progress=not args.quiet, on_task_end=report
+            )
     return 0
 
 
@@ -174,9 +196,12 @@ def cmd_pretrain(args) -> int:
 
 
 def cmd_metrics(args) -> int:
-    from .layout import write_run_metrics
+    from . import guard
+    from .layout import check_run_dir_exists, write_run_metrics
 
-    m = write_run_metrics(args.run_dir)
+    check_run_dir_exists(args.run_dir)
+    with guard.locked(args.run_dir, "dmnsp metrics"):  # the run's one lock
+        m = write_run_metrics(args.run_dir)
     print(json.dumps({k: m[k] for k in ("avg", "last", "n_tasks_done", "complete")}))
     _warn_health(args.command, m["health"])
     return 0
@@ -304,7 +329,7 @@ def cmd_search_export(args) -> int:
 
 
 def cmd_search_prepare_run(args) -> int:
-    from . import layout
+    from . import guard, layout
     from .config import load_config
     from .methods import run_label
     from .search import followup_settings, read_best
@@ -312,7 +337,8 @@ def cmd_search_prepare_run(args) -> int:
     settings = followup_settings(_json_object(args.settings_json, "--settings-json"), read_best(args.best))
     cfg = load_config(None, settings)
     label = args.label or run_label(cfg, searched=True)
-    layout.write_run_info(args.out_dir, cfg, args.experiment, label, settings)
+    with guard.locked(args.out_dir, "dmnsp search-prepare-run"):  # the run's one lock
+        layout.write_run_info(args.out_dir, cfg, args.experiment, label, settings)
     return 0
 
 
@@ -483,10 +509,41 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+#: Options (argparse dests) that name a file or folder: none may be empty or blank.
+_PATH_OPTIONS = {
+    "config": "--config",
+    "out_dir": "--out-dir",
+    "run_dir": "--run-dir",
+    "resume": "--resume",
+    "checkpoint": "--checkpoint",
+    "out": "--out",
+    "out_spec": "--out-spec",
+    "spec": "--spec",
+    "best": "--best",
+    "runs": "--runs",
+    "tables_dir": "--tables-dir",
+    "plots_dir": "--plots-dir",
+    "hydra_config": "the Hydra config path",
+}
+
+
+def _check_paths(args) -> None:
+    """An empty or blank path (``--out-dir ""``, an unset shell variable) is a user error: it would
+    silently mean "no output" or the current folder."""
+    from .config import ConfigError
+
+    for dest, option in _PATH_OPTIONS.items():
+        value = getattr(args, dest, None)
+        for path in value if isinstance(value, list) else [value]:
+            if isinstance(path, str) and not path.strip():
+                raise ConfigError(f"{option} is empty ({path!r}); give a path (an unset shell variable?)")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status (2 for a user error with a message, no traceback)."""
     args = build_parser().parse_args(argv)
     try:
+        _check_paths(args)
         return args.func(args)
     except _user_errors() as exc:
         print(f"dmnsp {args.command}: error: {exc}", file=sys.stderr)

@@ -12,9 +12,10 @@ import hashlib
 import importlib.util
 import json
 import math
+import os
 import re
 import string
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -24,7 +25,7 @@ import yaml
 from jsonschema import Draft202012Validator
 
 from . import methods
-from .bounded import BoundsError, check_tree, read_regular_text
+from .bounded import BoundsError, check_tree, loads_json, read_regular_text
 from .methods.dmnsp import MODE_DEFAULTS
 
 # Keys that say where things are or how fast to run, not what is computed: they may differ
@@ -41,6 +42,12 @@ EXECUTION_KEYS = frozenset(
         "evaluate_on",
     }
 )
+
+
+_FLOAT_MAX = 1.7976931348623157e308  # sys.float_info.max: larger integers overflow float()
+
+# Keys that hold a path, checked for a ``~user`` that names no user (os.path.expanduser keeps it).
+PATH_KEYS = ("dataset_root", "cache_dir", "pretrained", "class_order")
 
 
 class ConfigError(ValueError):
@@ -85,15 +92,25 @@ class YAMLBoundsError(yaml.YAMLError, BoundsError):
     ``yaml.YAMLError``, so every reader that reports malformed YAML reports it the same way."""
 
 
+class YAMLValueError(yaml.YAMLError):
+    """A scalar PyYAML recognises but cannot build (``2023-13-45`` read as a date, ``!!int abc``, an
+    integer of more than 4300 digits): PyYAML raises a bare ValueError; this reports it as YAML."""
+
+
 def load_yaml(text: str, what: str = "the YAML document"):
     """YAML as users write it: ``1e-4`` is a number; a duplicate key is an error (yaml.YAMLError),
-    as is a document past the bounds of :func:`dmnsp.bounded.check_tree` (an alias bomb)."""
+    as is a document past the bounds of :func:`dmnsp.bounded.check_tree` (an alias bomb) or a
+    scalar that cannot be built (:class:`YAMLValueError`)."""
     try:
         value = yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
         return check_tree(value, what)
     except (BoundsError, RecursionError) as exc:
         message = str(exc) if isinstance(exc, BoundsError) else f"{what} nests too deep to parse; flatten it"
         raise YAMLBoundsError(message) from None
+    except (ValueError, TypeError, AttributeError, OverflowError) as exc:
+        # Constructors of dates, tagged scalars and huge integers fail outside PyYAML's own errors.
+        problem = " ".join(str(exc).split())[:200]
+        raise YAMLValueError(f"a value cannot be read ({problem}); quote it to keep it as text") from None
 
 
 def _yaml_problem(exc: yaml.YAMLError) -> str:
@@ -139,24 +156,52 @@ def _key_path(error) -> str:
     return ".".join(str(p) for p in error.absolute_path) or "<top level>"
 
 
-def _describe(error, schema: Mapping) -> str:
+def _short(text: str, limit: int = 300) -> str:
+    """A message part cut to ``limit`` characters, its middle dropped (jsonschema quotes the whole
+    offending value at the start and says what is wrong with it at the end)."""
+    if len(text) <= limit:
+        return text
+    head = (limit - 1) // 2
+    return text[:head] + "\u2026" + text[len(text) - (limit - 1 - head) :]
+
+
+def _describe(error) -> str:
+    return " ".join(_describe_long(error).split())  # one line, whatever the values hold
+
+
+def _describe_long(error) -> str:
     path = _key_path(error)
     if error.validator == "additionalProperties":
         # Name the unknown key and suggest the closest valid one (typos are the usual cause).
-        parent = schema
-        for part in error.absolute_path:
-            parent = parent.get("properties", {}).get(part, {})
+        parent = error.schema if isinstance(error.schema, Mapping) else {}
         allowed = sorted(parent.get("properties", {}))
-        extras = sorted(set(error.instance) - set(allowed))
-        hints = []
-        for key in extras:
+        extras = sorted(set(error.instance) - set(allowed), key=str)
+        hints = [] if len(extras) <= 5 else [f"and {len(extras) - 5} more"]
+        for key in reversed(extras[:5]):
             close = difflib.get_close_matches(key, allowed, n=1)
-            hints.append(f"'{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+            hints.append(f"'{_short(str(key), 60)}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
         where = "" if path == "<top level>" else f" in '{path}'"
-        return f"unknown key {', '.join(hints)}{where}; valid keys: {', '.join(allowed)}"
+        return f"unknown key {', '.join(reversed(hints))}{where}; valid keys: {', '.join(allowed)}"
     if error.validator == "enum":
-        return f"'{path}': {error.instance!r} is not one of {error.validator_value}"
-    return f"'{path}': {error.message}"
+        return f"'{path}': {_short(repr(error.instance))} is not one of {error.validator_value}"
+    if error.validator in ("maxItems", "maxLength"):
+        # Name the bound and the size, without quoting a huge value back.
+        unit = "items" if error.validator == "maxItems" else "characters"
+        return (
+            f"'{path}': {len(error.instance):,} {unit}, more than the {error.validator_value:,} allowed"
+            + _bound_reason(error)
+        )
+    if error.validator in ("maximum", "minimum"):
+        word = "greater than the maximum" if error.validator == "maximum" else "less than the minimum"
+        return f"'{path}': {_short(repr(error.instance), 60)} is {word} of {error.validator_value}"
+    reason = _bound_reason(error) if error.validator in ("pattern", "not", "const") else ""
+    return f"'{_short(path, 200)}': {_short(error.message)}{reason}"
+
+
+def _bound_reason(error) -> str:
+    """The schema's description of a bounded key, so the message says why the bound is there."""
+    description = (error.schema or {}).get("description") if isinstance(error.schema, Mapping) else None
+    return f" ({description.rstrip('.')})" if description else ""
 
 
 def validate(cfg: Mapping[str, Any] | None) -> dict:
@@ -184,7 +229,7 @@ def validate(cfg: Mapping[str, Any] | None) -> dict:
         validator.iter_errors(dict(cfg)), key=lambda e: (len(e.absolute_path), str(e.absolute_path))
     )
     if errors:
-        raise ConfigError("invalid run configuration: " + _describe(errors[0], schema))
+        raise ConfigError("invalid run configuration: " + _describe(errors[0]))
     out = _fill_defaults(_with_method_defaults(cfg, schema), schema)
     return _resolve(out)
 
@@ -223,11 +268,27 @@ def _check_keys_and_numbers(cfg: Mapping, schema: Mapping, prefix: str = "") -> 
         name = prefix + key
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"invalid run configuration: '{name}': {value} is not a finite number")
-        types = props.get(key, {}).get("type", [])
+        prop = props.get(key, {})
+        types = prop.get("type", [])
         types = [types] if isinstance(types, str) else types
         if isinstance(value, float) and "integer" in types and "number" not in types:
             raise ConfigError(
                 f"invalid run configuration: '{name}': {value} must be a whole number like {int(value)}"
+            )
+        if (
+            isinstance(value, int)
+            and not isinstance(value, bool)
+            and "number" in types
+            and abs(value) > _FLOAT_MAX
+        ):
+            raise ConfigError(
+                f"invalid run configuration: '{name}': {len(str(abs(value)))}-digit number is not finite as a float"
+            )
+        if isinstance(value, list) and len(value) > prop.get("maxItems", len(value)):
+            # Before jsonschema, which would check every item of a list too long to use anyway.
+            raise ConfigError(
+                f"invalid run configuration: '{name}': {len(value):,} items, more than the "
+                f"{prop['maxItems']:,} allowed"
             )
         if isinstance(value, Mapping) and "object" in types:
             _check_keys_and_numbers(value, props[key], name + ".")
@@ -265,6 +326,10 @@ def _resolve(cfg: dict) -> dict:
             proj[key] = value
     if cfg["optimizer"]["numerics"] is None:  # the reference ran torch's foreach AdamW on a GPU
         cfg["optimizer"]["numerics"] = methods.NUMERICS_BY_MODE[proj["mode"]]
+    if cfg["logit_scale"] is None:  # the reference scales by the loaded checkpoint's exp(logit_scale)
+        cfg["logit_scale"] = methods.LOGIT_SCALE_BY_MODE[proj["mode"]]
+    elif cfg["logit_scale"] != "checkpoint":  # 100 and 100.0: one setting, one config hash
+        cfg["logit_scale"] = float(cfg["logit_scale"])
     if proj["energy_threshold"] is not None and proj["basis"] != "orthonormal":
         raise ConfigError("'projection.energy_threshold' needs projection.basis: orthonormal")
     if cfg["eval_transform"] is None:
@@ -272,6 +337,9 @@ def _resolve(cfg: dict) -> dict:
     check_template("prompt_template", cfg["prompt_template"])
     for i, template in enumerate(cfg["pretrain"]["templates"]):
         check_template(f"pretrain.templates[{i}]", template)
+    for key in PATH_KEYS:
+        check_home(key, cfg[key])
+    check_model_name(cfg["model_name"])
     if cfg["val_fraction"] == 0 and cfg["evaluate_on"] == "val":
         raise ConfigError("'evaluate_on': val needs val_fraction > 0")
     _check_widths(cfg)
@@ -279,37 +347,113 @@ def _resolve(cfg: dict) -> dict:
     return cfg
 
 
-@cache
-def tower_widths(model_name: str) -> dict[str, int]:
-    """Residual-stream widths of an open_clip architecture's towers (``{"visual": 768, "text": 512}``),
-    read from its JSON config (the package's own or open_clip's) without importing or building
-    anything; empty when the architecture is not found that way or gives no width."""
+def check_home(key: str, value: Any) -> None:
+    """A path setting that starts with ``~`` must expand: ``~nosuchuser/data`` (or ``~`` without a
+    home folder) would otherwise reach the data or model loader as a literal folder name, or fail
+    there with pathlib's RuntimeError."""
+    if not isinstance(value, str) or not value.startswith("~"):
+        return
+    if os.path.expanduser(value).startswith("~"):
+        user = value[1:].split("/", 1)[0]
+        whose = (
+            f"of {_short(repr(user), 60)}, but there is no such user on this machine"
+            if user
+            else "of whoever runs it, but this process has no home folder (HOME)"
+        )
+        raise ConfigError(
+            f"'{key}': {_short(repr(value), 100)} starts with the home folder {whose}; write the full path"
+        )
+
+
+#: An architecture name: open_clip's (ViT-B-16, convnext_base_w, RN50x4, ...) and the package's
+#: own (dmnsp-tiny). Not a path: ``model_name`` never names a file to read.
+ARCHITECTURE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def architecture_folders() -> list[Path]:
+    """Where architecture JSON configs live: the package's own, then open_clip's (no import)."""
     folders = [Path(str(resources.files("dmnsp").joinpath("model_configs")))]
     spec = importlib.util.find_spec("open_clip")
     if spec is not None and spec.submodule_search_locations:
         folders += [Path(p) / "model_configs" for p in spec.submodule_search_locations]
-    for folder in folders:
+    return folders
+
+
+@cache
+def architecture_names() -> tuple[str, ...]:
+    """Every architecture name with a JSON config in :func:`architecture_folders` (what open_clip's
+    ``list_models`` gives, with the package's own), sorted."""
+    return tuple(
+        sorted(
+            {p.stem for folder in architecture_folders() if folder.is_dir() for p in folder.glob("*.json")}
+        )
+    )
+
+
+def check_model_name(model_name: str) -> None:
+    """``model_name`` is a known architecture name: never a path (``../x`` would read any ``x.json``
+    on the machine as the architecture), never a name without a config."""
+    known = architecture_names()
+    if isinstance(model_name, str) and ARCHITECTURE_NAME.match(model_name) and model_name in known:
+        return
+    close = difflib.get_close_matches(str(model_name), known, n=3)
+    raise ConfigError(
+        f"unknown model_name {model_name!r}"
+        + (f"; did you mean {', '.join(close)}?" if close else "")
+        + " (`python -m dmnsp list-models` lists all: give a name, never a path; note open_clip writes "
+        "ViT-B-16, not ViT-B/16)"
+    )
+
+
+@cache
+def architecture(model_name: str) -> dict:
+    """An open_clip architecture's JSON config (the package's own or open_clip's), read without
+    importing or building anything; empty when the architecture is not found that way."""
+    check_model_name(model_name)
+    for folder in architecture_folders():
         path = folder / f"{model_name}.json"
         if path.is_file():
-            arch = json.loads(path.read_text())
-            cfgs = {"visual": arch.get("vision_cfg") or {}, "text": arch.get("text_cfg") or {}}
-            # Only transformer towers (an int layer count; ResNets list stages) carry adapters.
-            return {
-                tower: int(c["width"])
-                for tower, c in cfgs.items()
-                if isinstance(c.get("width"), int) and isinstance(c.get("layers"), int)
-            }
+            try:
+                arch = loads_json(read_regular_text(path, "architecture config", 2**20), str(path))
+            except (OSError, ValueError) as exc:  # BoundsError and JSONDecodeError are ValueErrors
+                raise ConfigError(
+                    f"architecture config {path} of {model_name} is damaged ({exc}); reinstall the package "
+                    "that holds it"
+                ) from None
+            return arch if isinstance(arch, dict) else {}
     return {}
 
 
+@cache
+def tower_widths(model_name: str) -> dict[str, int]:
+    """Residual-stream widths of an open_clip architecture's towers (``{"visual": 768, "text": 512}``),
+    from :func:`architecture`; empty when the architecture is not found that way or gives no width."""
+    arch = architecture(model_name)
+    cfgs = {"visual": arch.get("vision_cfg"), "text": arch.get("text_cfg")}
+    # Only transformer towers (an int layer count; ResNets list stages) carry adapters.
+    return {
+        tower: int(c["width"])
+        for tower, c in cfgs.items()
+        if isinstance(c, dict) and type(c.get("width")) is int and type(c.get("layers")) is int
+    }
+
+
+def embed_dim(model_name: str) -> int | None:
+    """The width of an architecture's joint image-text embedding (``encode_image``'s output), from
+    :func:`architecture`; None when it does not say."""
+    value = architecture(model_name).get("embed_dim")
+    return value if type(value) is int else None
+
+
 def _check_widths(cfg: dict) -> None:
-    """Settings bounded by the model's width: the adapter bottleneck fits inside each tower, and
-    TOP_SELECT leaves null-space directions in every tower whose bases dmnsp builds."""
+    """Settings bounded by the model's width: the adapter bottleneck (of every expert, MoE's) fits
+    inside each tower, unless the method has no adapters (RAPF ignores adapter_dim), and TOP_SELECT
+    leaves null-space directions in every tower whose bases dmnsp builds."""
     widths = tower_widths(cfg["model_name"])
     if not widths:
         return
     tower, width = min(widths.items(), key=lambda item: item[1])
-    if cfg["adapter_dim"] > width:
+    if cfg["adapter_dim"] > width and "adapter_dim" not in methods.get(cfg["method"]).ignores:
         raise ConfigError(
             f"'adapter_dim': {cfg['adapter_dim']} is wider than {cfg['model_name']}'s {tower} tower "
             f"({width}); a bottleneck is at most the width: set adapter_dim to {width} or less"
@@ -339,6 +483,35 @@ def read_yaml_file(path: str | Path, what: str, error: type[ConfigError] = Confi
         raise error(f"{what} {path} is not valid YAML: {_yaml_problem(exc)}") from None
 
 
+def check_workflow_config(
+    config: Any, files: Iterable[str | Path] = (), schema: str | Path | None = None
+) -> None:
+    """Refuse a workflow config before Snakemake's schema validation walks it (the Snakefile calls
+    this first): each of ``files`` is read again with dmnsp's bounded reader, which refuses what
+    Snakemake's own reader lets through (a key written twice, text that is not UTF-8, nesting
+    deeper than Python can parse), and the loaded ``config`` is walked within the node and depth
+    bounds of :func:`dmnsp.bounded.check_tree` (a YAML alias bomb loads in microseconds and explodes
+    only when something walks it). With ``schema`` (the workflow's JSON schema file), the config is
+    validated against it here too, so a violation is one line naming the key (Snakemake's own
+    ``validate`` prints the schema over a dozen lines).
+
+    Raises:
+        ConfigError: one line naming the file or the problem.
+    """
+    for path in files:
+        read_yaml_file(path, "workflow config")
+    try:
+        check_tree(config, "the workflow config")
+    except BoundsError as exc:
+        raise ConfigError(str(exc)) from None
+    if schema is not None:
+        rules = yaml.safe_load(Path(schema).read_text())
+        errors = Draft202012Validator(rules).iter_errors(config)
+        first = min(errors, key=lambda e: (len(e.absolute_path), str(e.absolute_path)), default=None)
+        if first is not None:
+            raise ConfigError(_describe(first))
+
+
 def class_order_list(content: Any, source: str, error: type[ConfigError] = ConfigError) -> list:
     """The class order a class-order file holds, in either of its two shapes: a bare YAML list of
     ids (``[3, 1, 2]``) or a mapping with a ``class_order`` list (``class_order: [3, 1, 2]``).
@@ -352,6 +525,7 @@ def class_order_list(content: Any, source: str, error: type[ConfigError] = Confi
 def read_class_order_file(path: str | Path, error: type[ConfigError] = ConfigError) -> list:
     """Read a class-order file (either shape of :func:`class_order_list`); the planner and the
     task jobs both read class orders here, so they agree on what a file holds."""
+    path = os.path.expanduser(path)  # "~/orders/x.yaml"; a ~user with no user stays (and is not found)
     return class_order_list(
         read_yaml_file(path, "class_order file", error), f"class_order file {path}", error
     )
@@ -385,13 +559,13 @@ def parse_overrides(items: list[str] | None) -> dict:
     out = {}
     for item in items or []:
         if "=" not in item:
-            raise ConfigError(f"override '{item}' must look like key=value")
+            raise ConfigError(f"override '{_short(item, 120)}' must look like key=value")
         key, value = item.split("=", 1)
         try:
             out[key.strip()] = load_yaml(value)
         except yaml.YAMLError as exc:
             raise ConfigError(
-                f"override '{item}': the value is not valid YAML ({_yaml_problem(exc)}); quote it, "
+                f"override '{_short(item, 120)}': the value is not valid YAML ({_short(_yaml_problem(exc))}); quote it, "
                 "e.g. --set 'prompt_template=\"a photo of a {}.\"'"
             ) from None
     return out

@@ -62,3 +62,17 @@ def set_threads(threads: int | None) -> None:
             f"(usually the core count, {cores}) or null"
         )
     torch.set_num_threads(threads)
+
+
+def check_workers(workers: int) -> int:
+    """The config's DataLoader ``num_workers``, refused past a few per available core: each worker is
+    a process with its own copy of the dataset handles (10000 workers took 7.7 GB before failing)."""
+    cores = available_cores()
+    if workers > THREADS_PER_CORE * cores:
+        from .config import ConfigError
+
+        raise ConfigError(
+            f"'num_workers': {workers} DataLoader processes on {cores} available cores is more than "
+            f"{THREADS_PER_CORE} per core; set num_workers to at most {THREADS_PER_CORE * cores} or auto"
+        )
+    return workers

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from . import methods
 from .loaders import make_loader
 from .methods import Method, MethodState
-from .model import tokenize_prompts
+from .model import logit_scale, tokenize_prompts
 
 
 @torch.no_grad()
@@ -30,19 +30,23 @@ def predict(
     seed: int = 0,
     amp: bool = False,
     progress: bool = True,
+    scale: str | float = "checkpoint",
     method: Method | None = None,
     state: MethodState | None = None,
     cfg: dict | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Argmax predictions and labels over ``dataset`` (labels are positions in ``class_names``).
+    """Argmax predictions and labels over ``dataset`` (labels are positions in ``class_names``);
+    ``scale``: the logit scale (run key ``logit_scale``, resolved).
 
-    ``method`` forms the logits from its ``state`` and the run config ``cfg`` (None: CLIP's logits).
+    ``method`` forms the logits from its ``state``, the run config ``cfg`` and the logit scale (None:
+    CLIP's logits).
     """
     model.eval()
+    factor = logit_scale(model, scale)
     tokens = tokenize_prompts(tokenizer, class_names, template).to(device)
     method = method if method is not None else Method()
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-        logits_of = method.evaluator(model, tokens, state or {}, cfg or {})
+        logits_of = method.evaluator(model, tokens, state or {}, cfg or {}, factor)
     loader = make_loader(
         dataset, batch_size, shuffle=False, seed=seed, num_workers=num_workers, device=device
     )
@@ -100,6 +104,7 @@ def evaluate_seen(
         seed,
         cfg["precision"] == "amp_bf16",
         progress,
+        cfg["logit_scale"],
         methods.get(cfg["method"])(),
         state,
         cfg,

@@ -17,10 +17,12 @@ import csv
 import hashlib
 import itertools
 import json
+import math
 import re
 import shlex
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from fractions import Fraction
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -73,8 +75,17 @@ RESOURCE_KEYS = ("mem_mb", "runtime", "threads", "gpu")
 DEFAULT_RESOURCES = {"mem_mb": 2000, "runtime": 60, "threads": 1, "gpu": 0}
 SELECTOR_KEYS = ("rule", "dataset", "model_name", "method")
 
-_SPLIT_RE = re.compile(r"^([0-9]+)-([0-9]+)$")
+_SPLIT_RE = re.compile(r"([0-9]{1,6})-([0-9]{1,6})")  # fullmatch: "10-10\n" is not a split
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+-]")
+
+# An experiment name is a folder name under results/ and part of rule wildcards and study names.
+_EXPERIMENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
+MAX_NAME_LENGTH = 100
+# Planning bounds, far above real sweeps (the paper's configs plan < 100 runs, a large grid a few
+# thousand): a config past them is a mistake or an attack (10 grid keys of 10 values: 10^10 runs).
+MAX_RUNS = 100_000
+MAX_SHEET_ROWS = 100_000
+MAX_GRID_VALUES = 1_000  # per key; the workflow schema's grid maxItems
 
 
 @dataclass(frozen=True)
@@ -180,6 +191,44 @@ def format_value(value: Any) -> str:
     return f"{type(value).__name__}-{digest}"
 
 
+def same_setting(value: Any) -> Any:
+    """A key under which values that are one setting compare equal: numbers by their value (``30``
+    and ``30.0``, ``0.0`` and ``-0.0``, exactly, as fractions), booleans and None apart from numbers,
+    lists and mappings item by item. Two grid values or sheet rows with the same key would plan two
+    runs of one setting, whose table then counts one seed twice."""
+    if value is None or isinstance(value, bool):
+        return (type(value).__name__, value)
+    if isinstance(value, int | float):
+        if isinstance(value, float) and not math.isfinite(value):
+            return ("float", repr(value))
+        return ("number", Fraction(value))
+    if isinstance(value, list | tuple):
+        return ("list", tuple(same_setting(v) for v in value))
+    if isinstance(value, Mapping):
+        return ("mapping", frozenset((repr(k), same_setting(v)) for k, v in value.items()))
+    return (type(value).__name__, repr(value))
+
+
+def check_experiment_name(name: Any) -> str:
+    """An experiment name is a folder name: letters, digits and ``_.+-``, starting with a letter or a
+    digit (so never ``..``, a hidden folder or an option), no whitespace or control character
+    anywhere (a trailing newline included), at most :data:`MAX_NAME_LENGTH` characters, and not
+    ``pretrained`` (the folder of pretrained checkpoints)."""
+    text = name if isinstance(name, str) else None
+    if (
+        text is None
+        or not _EXPERIMENT_NAME.fullmatch(text)
+        or text == "pretrained"
+        or len(text) > MAX_NAME_LENGTH
+    ):
+        shown = repr(name) if len(repr(name)) <= 80 else repr(name)[:77] + "..."
+        raise ConfigError(
+            f"'experiments': {shown} is not a valid experiment name: use letters, digits and '_.+-', starting "
+            f"with a letter or digit, at most {MAX_NAME_LENGTH} characters, not 'pretrained'"
+        )
+    return text
+
+
 def cli_value(value: Any) -> str:
     """Render a value so that ``yaml.safe_load`` gives it back unchanged (for ``--set k=v``)."""
     text = yaml.safe_dump(value, default_flow_style=True, width=1 << 30, allow_unicode=True)
@@ -198,20 +247,29 @@ def cli_json(settings: Mapping[str, Any]) -> str:
 
 def parse_split(split: Any) -> tuple[int, int]:
     """``"10-10"`` → ``(10, 10)``; raises :class:`ConfigError` naming ``splits``."""
-    match = _SPLIT_RE.match(str(split))
+    match = _SPLIT_RE.fullmatch(split) if isinstance(split, str) else None
     if not match or int(match.group(1)) < 1 or int(match.group(2)) < 1:
         raise ConfigError(
-            f"'splits': {split!r} is not a split; write 'INITIAL-INCREMENT' with positive numbers, e.g. '10-10'"
+            f"'splits': {str(split)[:40]!r} is not a split; write 'INITIAL-INCREMENT' with positive numbers, e.g. '10-10'"
         )
     return int(match.group(1)), int(match.group(2))
 
 
 @cache
-def _class_order_file(path: str) -> int:
+def _class_order_file(path: str, n_classes: int | None) -> int:
     try:
-        return len(read_class_order_file(path))
+        return _checked_order(read_class_order_file(path), f"class_order file {path}", n_classes)
     except ConfigError as exc:
         raise ConfigError(f"'class_order': {exc}") from None
+
+
+def _checked_order(order: list, source: str, n_classes: int | None) -> int:
+    """The length of a class order checked as the job will check it (integers, each once, and every
+    class of a dataset with a fixed class count), so planning never counts tasks of an order the
+    job refuses or expands differently."""
+    from .scenario import check_class_order
+
+    return len(check_class_order(order, source, n_classes))
 
 
 def class_count(cfg: Mapping[str, Any], num_classes: int | None = None) -> int:
@@ -229,10 +287,11 @@ def class_count(cfg: Mapping[str, Any], num_classes: int | None = None) -> int:
     from .datasets import NUM_CLASSES
 
     order = cfg.get("class_order")
+    fixed = NUM_CLASSES.get(cfg["dataset"]) if cfg["dataset"] != "imagefolder" else None
     if isinstance(order, list):
-        return len(order)
+        return _checked_order(order, "'class_order'", fixed)
     if isinstance(order, str):
-        return _class_order_file(order)
+        return _class_order_file(order, fixed)
     if num_classes is not None:
         return int(num_classes)
     dataset = cfg["dataset"]
@@ -327,8 +386,8 @@ def _axis(spec: Mapping, base: Mapping, axis: str, default: Any) -> list:
         raise ConfigError(f"'{key}' is set in 'run' and swept by '{axis}'; keep one of them")
     if not isinstance(values, list) or not values:
         raise ConfigError(f"'{axis}' must be a non-empty list")
-    if len(set(map(repr, values))) != len(values):
-        raise ConfigError(f"'{axis}' lists a value twice: {values}")
+    if len({same_setting(v) for v in values}) != len(values):
+        raise ConfigError(f"'{axis}' lists a value twice: {_shown(values)}")
     return list(values)
 
 
@@ -355,15 +414,32 @@ def _check_swept_key(where: str, key: str) -> None:
         raise ConfigError(f"'{where}': key names may not be empty or contain '~' or '/'")
 
 
+def _shown(value: Any, limit: int = 200) -> str:
+    """A value for an error message, cut short (a hostile config may hold megabytes)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _grid(spec: Mapping) -> dict[str, list]:
     grid = flatten(spec.get("grid") or {})
     for key, values in grid.items():
         _check_swept_key(f"grid.{key}", key)
         if not isinstance(values, list) or not values:
-            raise ConfigError(f"'grid.{key}' must be a non-empty list of values, got {values!r}")
-        rendered = [format_value(v) for v in values]
-        if len(set(rendered)) != len(rendered):
-            raise ConfigError(f"'grid.{key}': values {values} are not distinct once written into paths")
+            raise ConfigError(f"'grid.{key}' must be a non-empty list of values, got {_shown(values)}")
+        if len(values) > MAX_GRID_VALUES:
+            raise ConfigError(
+                f"'grid.{key}' lists {len(values):,} values, more than the {MAX_GRID_VALUES:,} allowed per key"
+            )
+        seen: dict = {}
+        for value in values:
+            for marker in (("path", format_value(value)), ("value", same_setting(value))):
+                if marker in seen:
+                    why = "equal settings" if marker[0] == "value" else "the same once written into a path"
+                    raise ConfigError(
+                        f"'grid.{key}': values {_shown(seen[marker], 60)} and {_shown(value, 60)} are {why}, "
+                        "so they would plan one run twice; list each value once"
+                    )
+                seen[marker] = value
     return grid
 
 
@@ -379,14 +455,16 @@ def read_sheet(path: str) -> tuple[dict, ...]:
     delimiter = "," if file.suffix.lower() == ".csv" else "\t"
     text = read_text_file(file, "'sheet': sweep sheet")
     lines = [line for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
-    reader = csv.reader(lines, delimiter=delimiter)
+    reader = _csv_rows(lines, delimiter, path)
     header = [h.strip() for h in next(reader, [])]
     if not header or len(set(header)) != len(header):
-        raise ConfigError(f"'sheet': {path} needs a header row of distinct run keys, got {header}")
+        raise ConfigError(f"'sheet': {path} needs a header row of distinct run keys, got {_shown(header)}")
     for key in header:
         _check_swept_key(f"sheet.{key}", key)
     rows = []
     for number, cells in enumerate(reader, start=2):
+        if number - 1 > MAX_SHEET_ROWS:
+            raise ConfigError(f"'sheet': {path} has more than {MAX_SHEET_ROWS:,} rows")
         if len(cells) != len(header):
             raise ConfigError(
                 f"'sheet': {path} row {number} has {len(cells)} cells for {len(header)} columns"
@@ -395,16 +473,31 @@ def read_sheet(path: str) -> tuple[dict, ...]:
         for key, cell in zip(header, cells, strict=True):
             if cell.strip():
                 try:
-                    row[key] = load_yaml(cell.strip())
+                    row[key] = load_yaml(cell.strip(), f"the cell of row {number}")
                 except yaml.YAMLError as exc:
                     raise ConfigError(
-                        f"'sheet.{key}': row {number} value {cell!r} is not a scalar: {' '.join(str(exc).split())}"
+                        f"'sheet.{key}': row {number} value {_shown(cell, 80)} cannot be read: "
+                        f"{' '.join(str(exc).split())[:300]}"
                     ) from None
         rows.append(row)
     if not rows:
         raise ConfigError(f"'sheet': {path} has no rows")
     _refuse_colliding_rows(path, rows)
     return tuple(rows)
+
+
+def _csv_rows(lines: list[str], delimiter: str, path: str) -> Iterable[list[str]]:
+    """csv.reader's rows, its errors (a cell past csv's field size limit, a stray quote) one line."""
+    reader = csv.reader(lines, delimiter=delimiter)
+    while True:
+        try:
+            yield next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            raise ConfigError(
+                f"'sheet': {path} line {reader.line_num} is not {delimiter!r}-separated values: {exc}"
+            ) from None
 
 
 def _refuse_colliding_rows(path: str, rows: list[dict]) -> None:
@@ -414,26 +507,46 @@ def _refuse_colliding_rows(path: str, rows: list[dict]) -> None:
     seen: dict[tuple, int] = {}
     for number, row in enumerate(rows, start=1):
         folder = tuple((key, format_value(value)) for key, value in row.items())
-        if folder in seen:
-            first = seen[folder]
-            raise ConfigError(
-                f"'sheet': {path} rows {first} ({rows[first - 1]}) and {number} ({row}) map to the same run "
-                f"folder ({'/'.join(f'{k}~{v}' for k, v in folder)}); make them differ in letters, digits "
-                "or '._+-', or drop one"
-            )
-        seen[folder] = number
+        setting = ("value", frozenset((key, same_setting(value)) for key, value in row.items()))
+        for marker in (folder, setting):
+            if marker in seen:
+                first = seen[marker]
+                what = (
+                    f"map to the same run folder ({'/'.join(f'{k}~{v}' for k, v in folder)}); make them differ "
+                    "in letters, digits or '._+-', or drop one"
+                    if marker is folder
+                    else "are one setting (their values are equal, e.g. 1 and 1.0); drop one"
+                )
+                raise ConfigError(
+                    f"'sheet': {path} rows {first} ({_shown(rows[first - 1], 100)}) and {number} "
+                    f"({_shown(row, 100)}) {what}"
+                )
+        seen[folder] = seen[setting] = number
 
 
 def _points(spec: Mapping, grid: Mapping[str, list]) -> list[dict]:
     """Hyperparameter points: the grid's product, times the sheet's rows when there is a sheet."""
+    rows = read_sheet(str(spec["sheet"])) if spec.get("sheet") else ({},)
+    _check_run_count(
+        "hyperparameter points (grid values multiplied, times sheet rows)", [*grid.values(), rows]
+    )
     points = [dict(zip(grid, combo, strict=True)) for combo in itertools.product(*grid.values())]
     if spec.get("sheet"):
-        rows = read_sheet(str(spec["sheet"]))
         clash = sorted(set(grid) & {k for row in rows for k in row})
         if clash:
             raise ConfigError(f"'sheet.{clash[0]}' is also in 'grid'; sweep each key in one place")
         points = [{**point, **row} for point in points for row in rows]
     return points
+
+
+def _check_run_count(what: str, axes: list) -> None:
+    """Refuse a product of axes past :data:`MAX_RUNS` before it is built (it would not fit in memory)."""
+    count = math.prod(len(axis) for axis in axes)
+    if count > MAX_RUNS:
+        raise ConfigError(
+            f"{count:,} {what} is more than the {MAX_RUNS:,} runs one config may plan; split the sweep "
+            "into several configs or sweep fewer values"
+        )
 
 
 def _project(points: list[dict], method: str, ablation: str | None = None) -> list[dict]:
@@ -535,6 +648,9 @@ def _expand(name: str, spec: Mapping, shared: Mapping) -> tuple[list[RunSpec], d
     _validated(fixed)
     pretrain_first = bool(spec.get("pretrain_first", False))
     num_classes = spec.get("num_classes")
+    _check_run_count(
+        "runs (datasets x splits x methods x points x seeds)", [datasets, splits, variants, points, seeds]
+    )
 
     runs: list[RunSpec] = []
     pretrains: dict[str, PretrainSpec] = {}
@@ -618,11 +734,16 @@ def expand_all(config: Mapping[str, Any]) -> Plan:
     if not experiments:
         raise ConfigError("'experiments': the config names no experiment")
     plan = Plan()
+    folded: dict[str, str] = {}
     for name, spec in experiments.items():
-        if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$", str(name)) or name == "pretrained":
+        check_experiment_name(name)
+        # On a case-insensitive file system (macOS, Windows) "E" and "e" are one results folder.
+        if name.casefold() in folded:
             raise ConfigError(
-                f"'experiments': {name!r} is not a valid experiment name (letters, digits, '_.+-'; not 'pretrained')"
+                f"'experiments': {folded[name.casefold()]!r} and {name!r} differ only in case, so they share a "
+                "results folder on macOS and Windows; rename one"
             )
+        folded[name.casefold()] = name
         runs, pretrains = expand_experiment(name, spec or {}, config.get("run"))
         plan.tasks_per_job[name] = _tasks_per_job(name, spec or {}, config)
         plan.experiments[name] = runs
@@ -630,6 +751,8 @@ def expand_all(config: Mapping[str, Any]) -> Plan:
         for run in runs:
             plan.runs[(name, run.run_id)] = run
         plan.pretrains.update(pretrains)
+        if len(plan.runs) > MAX_RUNS:
+            raise ConfigError(f"the config plans more than {MAX_RUNS:,} runs; split it into several configs")
     return plan
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from . import methods
+from .bounded import BoundsError, check_tree
 from .config import ConfigError, read_yaml_file, validate
 
 # Keys that only say where the reference code writes logs or how Hydra runs: dmnsp's workflow
@@ -74,19 +75,32 @@ DATASETS = {
 
 _INTERPOLATION = re.compile(r"\$\{([^${}]+)\}")
 
+# Interpolation bounds: a chain of references (``a: ${b}``, ``b: ${c}``, ...) at most this long, and a
+# string built by substitution at most this many characters. Real reference configs chain 2 deep
+# and build paths of < 200 characters; ``b: ${a}${a}...`` nested ten levels would build 10^10.
+MAX_INTERPOLATION_DEPTH = 16
+MAX_RESOLVED_CHARS = 65_536
+
 
 def resolve_interpolations(cfg: Mapping[str, Any]) -> dict:
     """Resolve OmegaConf-style ``${key}`` references between top-level keys.
 
     A value that is exactly ``"${key}"`` takes the referenced value with its type; a reference
     inside a longer string is substituted as text. Nested and chained references resolve;
-    unknown keys, Hydra resolvers (``${now:...}``) and cycles raise :class:`ConfigError`.
+    unknown keys, Hydra resolvers (``${now:...}``) and cycles raise :class:`ConfigError`, as do a
+    chain deeper than :data:`MAX_INTERPOLATION_DEPTH` and a string longer than
+    :data:`MAX_RESOLVED_CHARS` (an interpolation bomb), before it is built.
     """
     out = dict(cfg)
 
     def resolve(key: str, stack: tuple[str, ...]) -> Any:
         if key in stack:
             raise ConfigError(f"'{stack[0]}': interpolation cycle {' -> '.join((*stack, key))}")
+        if len(stack) >= MAX_INTERPOLATION_DEPTH:
+            raise ConfigError(
+                f"'{stack[0]}': interpolations nest more than {MAX_INTERPOLATION_DEPTH} deep "
+                f"({' -> '.join(stack[:4])} -> ...); refer to the values directly"
+            )
         value = out[key]
         if not isinstance(value, str) or "${" not in value:
             return value
@@ -94,8 +108,25 @@ def resolve_interpolations(cfg: Mapping[str, Any]) -> dict:
         if whole:
             out[key] = lookup(whole.group(1), (*stack, key))
         else:
-            out[key] = _INTERPOLATION.sub(lambda m: str(lookup(m.group(1), (*stack, key))), value)
+            out[key] = substitute(key, value, (*stack, key))
         return out[key]
+
+    def substitute(key: str, value: str, stack: tuple[str, ...]) -> str:
+        pieces, size, end = [], 0, 0
+        for match in _INTERPOLATION.finditer(value):
+            text = value[end : match.start()]
+            part = lookup(match.group(1), stack)
+            for piece in (text, part if isinstance(part, str) else str(part)[: MAX_RESOLVED_CHARS + 1]):
+                size += len(piece)
+                pieces.append(piece)
+            end = match.end()
+            if size > MAX_RESOLVED_CHARS:
+                raise ConfigError(
+                    f"'{stack[0]}': its interpolations build a string of more than {MAX_RESOLVED_CHARS:,} "
+                    "characters; write the value out"
+                )
+        pieces.append(value[end:])
+        return "".join(pieces)
 
     def lookup(ref: str, stack: tuple[str, ...]) -> Any:
         ref = ref.strip()
@@ -108,7 +139,11 @@ def resolve_interpolations(cfg: Mapping[str, Any]) -> dict:
     for key in list(out):
         if key not in IGNORED_KEYS:
             resolve(key, ())
-    return out
+    try:
+        # Whole-value references share objects: ten keys naming one large list are ten lists.
+        return check_tree(out, "the Hydra config with its interpolations resolved")
+    except BoundsError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def open_clip_model_name(name: str) -> str:
@@ -123,18 +158,24 @@ def open_clip_model_name(name: str) -> str:
 
 def _number(key: str, value: Any) -> Any:
     """Numbers the reference writes PyYAML reads as strings (``lr: 1e-3``) → floats/ints."""
-    if isinstance(value, bool):
-        raise ConfigError(f"'{key}': expected a number, got {value!r}")
+    shown = repr(value)[:60]
     if isinstance(value, str):
         try:
             value = float(value)
         except ValueError:
-            raise ConfigError(f"'{key}': expected a number, got {value!r}") from None
+            raise ConfigError(f"'{key}': expected a number, got {shown}") from None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"'{key}': expected a number, got {shown}")
     if key in INTEGER_KEYS:
         if isinstance(value, float) and not value.is_integer():
-            raise ConfigError(f"'{key}': expected an integer, got {value!r}")
+            raise ConfigError(f"'{key}': expected an integer, got {shown}")
         return int(value)
-    return float(value) if key in NUMERIC_KEYS else value
+    try:
+        return float(value) if key in NUMERIC_KEYS else value
+    except OverflowError:
+        raise ConfigError(
+            f"'{key}': {len(str(value))}-digit number is not finite; write a real setting"
+        ) from None
 
 
 def _unread_keys(cfg: Mapping[str, Any]) -> list[str]:
@@ -146,7 +187,7 @@ def _unread_keys(cfg: Mapping[str, Any]) -> list[str]:
         value = cfg[key]
         if value not in (None, "") and str(value).strip() not in official:
             raise ConfigError(
-                f"'{key}': {value!r} is not supported; the reference code never reads '{key}' and dmnsp does "
+                f"'{key}': {repr(value)[:60]} is not supported; the reference code never reads '{key}' and dmnsp does "
                 f"not implement it: leave it empty{f' or {official[0]!r}' if official else ''}, or delete it"
             )
         notes.append(key)
@@ -173,6 +214,9 @@ def convert_hydra_config(raw: Mapping[str, Any], notes: list[str] | None = None)
     """
     if not isinstance(raw, Mapping):
         raise ConfigError(f"a Hydra config must be a mapping of keys, got {type(raw).__name__}")
+    odd = [key for key in raw if not isinstance(key, str)]
+    if odd:
+        raise ConfigError(f"key {odd[0]!r} is not a name; Hydra configs map names to values")
     cfg = resolve_interpolations(raw)
     known = IGNORED_KEYS | set(RUN_KEYS) | set(REQUIRED_VALUES) | set(UNREAD_KEYS) | {"dataset", "method"}
     unknown = sorted(set(cfg) - known)
@@ -188,7 +232,7 @@ def convert_hydra_config(raw: Mapping[str, Any], notes: list[str] | None = None)
     for key, allowed in REQUIRED_VALUES.items():
         if key in cfg and cfg[key] not in allowed and str(cfg[key]).strip() not in map(str, allowed):
             raise ConfigError(
-                f"'{key}': {cfg[key]!r} is not supported; dmnsp implements only {key}: {allowed[0]!r}"
+                f"'{key}': {repr(cfg[key])[:60]} is not supported; dmnsp implements only {key}: {allowed[0]!r}"
             )
 
     run: dict[str, Any] = {}
@@ -201,42 +245,46 @@ def convert_hydra_config(raw: Mapping[str, Any], notes: list[str] | None = None)
         if key in NUMERIC_KEYS or key in INTEGER_KEYS:
             value = _number(key, value)
         if key == "model_name":
+            if not isinstance(value, str) or not value.strip():
+                raise ConfigError(
+                    f"'model_name': {repr(value)[:60]} is not a model name; write one, e.g. ViT-B/16, or delete the "
+                    "key for dmnsp's default (ViT-B-16)"
+                )
             value = open_clip_model_name(value)
         run[key] = value
     if "model_name" in run and run["model_name"].startswith(("ViT-", "RN")):
         run["pretrained"] = "openai"
 
     spec: dict[str, Any] = {}
+    check = dict(run)  # every imported setting validated before the spec is built from it
+    if "initial_increment" in run or "increment" in run:
+        check["initial_increment"] = run.get("initial_increment", run.get("increment"))
+        check["increment"] = run.get("increment", check["initial_increment"])
     if "dataset" in cfg:
         name = str(cfg["dataset"]).strip().lower()
         if name not in DATASETS:
             raise ConfigError(
-                f"'dataset': {cfg['dataset']!r} is not supported; use one of {sorted(set(DATASETS.values()))}"
+                f"'dataset': {repr(cfg['dataset'])[:60]} is not supported; use one of {sorted(set(DATASETS.values()))}"
             )
         spec["datasets"] = [DATASETS[name]]
-    if "initial_increment" in run or "increment" in run:
-        initial = run.pop("initial_increment", run.get("increment"))
-        increment = run.pop("increment", initial)
-        spec["splits"] = [f"{initial}-{increment}"]
+        check["dataset"] = DATASETS[name]
     if "method" in cfg:
         name = str(cfg["method"]).strip().lower()
         if name not in METHODS:
             raise ConfigError(
-                f"'method': {cfg['method']!r} is not supported; use one of {sorted(set(METHODS.values()))}"
+                f"'method': {repr(cfg['method'])[:60]} is not supported; use one of {sorted(set(METHODS.values()))}"
             )
-        spec["methods"] = [METHODS[name]]
+        check["method"] = METHODS[name]
+    validate(check)
+    if "initial_increment" in run or "increment" in run:
+        initial = run.pop("initial_increment", run.get("increment"))
+        increment = run.pop("increment", initial)
+        spec["splits"] = [f"{initial}-{increment}"]
+    if "method" in check:
+        spec["methods"] = [check["method"]]
     if "seed" in run:
         spec["seeds"] = [run.pop("seed")]
     spec["run"] = run
-
-    check = dict(run)
-    if "datasets" in spec:
-        check["dataset"] = spec["datasets"][0]
-    if "methods" in spec:
-        check["method"] = spec["methods"][0]
-    if "splits" in spec:
-        check["initial_increment"], check["increment"] = (int(x) for x in spec["splits"][0].split("-"))
-    validate(check)
     return spec
 
 

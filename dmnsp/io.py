@@ -33,14 +33,32 @@ def _atomic(path: str | Path, write: Callable[[Any], None], mode: str) -> Path:
         os.replace(tmp, path)
     except OSError as exc:
         Path(tmp).unlink(missing_ok=True)
+        if exc.errno is None:  # not the system's: e.g. gzip.BadGzipFile while reading the source
+            raise
         raise OutputError(
             exc.errno,
             f"writing {path} failed ({exc.strerror}); free disk space or choose another output path",
         ) from exc
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        cause = _os_error_under(exc)
+        if cause is not None:  # torch.save turns a failed write into a RuntimeError (its zip writer)
+            raise OutputError(
+                cause.errno,
+                f"writing {path} failed ({cause.strerror}); free disk space or choose another output path",
+            ) from exc
         raise
     return path
+
+
+def _os_error_under(exc: BaseException) -> OSError | None:
+    """The OSError a library's own exception was raised while handling, if any (a short chain)."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, OSError) and exc.errno is not None:
+            return exc
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:

@@ -20,14 +20,14 @@ imports no torch (the workflow reads it at parse time).
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import __version__
+from . import __version__, records
+from .bounded import BoundsError, loads_json, read_regular_text
 from .config import ConfigError, config_hash, dump_config, read_yaml_file
 from .io import atomic_write_json, atomic_write_text, json_safe
 from .metrics import accuracy_matrix_frame, metrics_from_rows
@@ -46,7 +46,10 @@ CHECKPOINT = "checkpoint.pt"
 #: The files a task job writes, in the order it writes them (eval.json, which marks a task as
 #: evaluated, last).
 TASK_FILES = (DIAGNOSTICS, CHECKPOINT, EVAL)
-#: The lock file of a folder a dmnsp process writes into (dmnsp.guard; removed on release).
+#: The files a run writes at its end, from its tasks' records (write_run_metrics), in that order.
+RUN_END_FILES = (MATRIX, METRICS)
+#: The lock file of a folder a dmnsp process writes into (dmnsp.guard; removed on release). Every
+#: writer of a run locks the run folder, one-task jobs included.
 LOCK = ".dmnsp.lock"
 
 _TASK_DIR = re.compile(r"^task(\d+)$")
@@ -70,6 +73,11 @@ def run_file(run: str | Path, name: str) -> str:
 def task_dir(run: str | Path, task: int | str) -> str:
     """The folder of task ``task`` of a run."""
     return f"{run}/task{task}"
+
+
+def is_task_dir_name(name: str) -> bool:
+    """Whether ``name`` is the name of a task folder (``task<t>``)."""
+    return _TASK_DIR.match(name) is not None
 
 
 def task_file(run: str | Path, task: int | str, name: str) -> str:
@@ -103,30 +111,71 @@ def task_dirs(run: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def _task_records(run: str | Path, name: str) -> list[dict]:
-    return [_read_record(folder / name) for _, folder in task_dirs(run) if (folder / name).is_file()]
+def _task_records(run: str | Path, name: str, check: Callable[[Any, int], dict]) -> list[dict]:
+    # exists(), not is_file(): a FIFO or folder in a record's place is refused in one line, not skipped.
+    return [_read_record(folder / name, check, t) for t, folder in task_dirs(run) if (folder / name).exists()]
 
 
-def _read_record(path: Path) -> dict:
-    """A task's JSON record; a damaged one is a user error naming the file and the fix."""
-    fix = f"delete {path.parent} and rerun that task (`snakemake` reruns it, or `dmnsp train-task`)"
+def _read_json(path: Path, fix: str) -> Any:
+    """A JSON record dmnsp wrote: bounded (a regular file, size, depth), strict JSON (no NaN literal:
+    dmnsp writes non-finite values as strings); a damaged one is a user error naming the file and the fix."""
     try:
-        record = json.loads(path.read_text(encoding="utf-8"))
+        return loads_json(read_regular_text(path, "record"), f"record {path}", allow_nan=False)
+    except BoundsError as exc:  # "record PATH is a folder; give ...": the reason, then our fix
+        reason = str(exc).removeprefix(f"record {path} ").rsplit("; ", 1)[0]
+        raise ConfigError(f"{path} is damaged or unreadable ({reason}); {fix}") from None
     except (OSError, ValueError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        raise ConfigError(f"{path} is damaged or unreadable ({exc}); {fix}") from None
-    if not isinstance(record, dict) or not isinstance(record.get("task"), int):
-        raise ConfigError(f"{path} is not a dmnsp task record (no integer 'task'); {fix}")
-    return record
+        raise ConfigError(f"{path} is damaged or unreadable ({_first_line(exc)}); {fix}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _task_fix(path: Path) -> str:
+    return f"delete {path.parent} and rerun that task (`snakemake` reruns it, or `dmnsp train-task`)"
+
+
+def _read_record(path: Path, check: Callable[[Any, int], dict], task: int) -> dict:
+    """A task's JSON record, its content checked by ``check`` (:mod:`dmnsp.records`)."""
+    fix = _task_fix(path)
+    record = _read_json(path, fix)
+    try:
+        return check(record, task)
+    except records.RecordProblem as exc:
+        raise ConfigError(f"{path} is not a dmnsp task record: {exc}; {fix}") from None
+
+
+def eval_record_claims(path: str | Path) -> dict:
+    """What an ``eval.json`` claims, unchecked (read bounded; empty when unreadable or absent), for
+    the guards that ask whose results a folder holds (``task``, ``config_hash``) before writing into it."""
+    try:
+        record = _read_json(Path(path), "")
+    except ConfigError:
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 def read_eval_rows(run: str | Path) -> list[dict]:
-    """All ``task*/eval.json`` records of a run folder, ordered by task (empty when none)."""
-    return _task_records(run, EVAL)
+    """All ``task*/eval.json`` records of a run folder, ordered by task (empty when none), each
+    checked (:func:`dmnsp.records.check_eval`) and agreeing on the number of tasks."""
+    rows = _task_records(run, EVAL, records.check_eval)
+    if len({row["n_tasks"] for row in rows}) > 1:
+        first = rows[0]
+        other = next(row for row in rows if row["n_tasks"] != first["n_tasks"])
+        paths = [task_file(run, row["task"], EVAL) for row in (first, other)]
+        raise ConfigError(
+            f"{paths[1]} says the run has {other['n_tasks']} tasks, {paths[0]} says {first['n_tasks']}: "
+            f"they come from different runs; {_task_fix(Path(paths[1]))}"
+        )
+    return rows
 
 
 def read_diagnostics(run: str | Path) -> list[dict]:
-    """All ``task*/diagnostics.json`` records of a run folder, ordered by task (empty when none)."""
-    return _task_records(run, DIAGNOSTICS)
+    """All ``task*/diagnostics.json`` records of a run folder, ordered by task (empty when none),
+    each checked (:func:`dmnsp.records.check_diagnostics`)."""
+    return _task_records(run, DIAGNOSTICS, records.check_diagnostics)
 
 
 def has_results(run: str | Path) -> bool:
@@ -141,12 +190,13 @@ def read_run_config(run: str | Path) -> dict:
     if not path.is_file():
         return {}
     config = read_yaml_file(path, "run config") or {}
-    if not isinstance(config, dict):
+    try:
+        return records.check_run_config(config)
+    except records.RecordProblem as exc:
         raise ConfigError(
-            f"run config {path} is not a mapping of run keys; delete it and rewrite it "
+            f"run config {path} is not a dmnsp run config: {exc}; delete it and rewrite it "
             f"(`dmnsp prepare-run`, or `snakemake` reruns prepare_run for {run})"
-        )
-    return config
+        ) from None
 
 
 def read_run_info(run: str | Path) -> dict | None:
@@ -156,12 +206,9 @@ def read_run_info(run: str | Path) -> dict | None:
         return None
     fix = f"delete it and rewrite it (`dmnsp prepare-run`, or `snakemake` reruns prepare_run for {run})"
     try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        raise ConfigError(f"{path} is damaged or unreadable ({exc}); {fix}") from None
-    if not isinstance(info, dict):
-        raise ConfigError(f"{path} is not a dmnsp run record (not a JSON object); {fix}")
-    return info
+        return records.check_run_info(_read_json(path, fix))
+    except records.RecordProblem as exc:
+        raise ConfigError(f"{path} is not a dmnsp run record: {exc}; {fix}") from None
 
 
 def run_results(run: str | Path) -> list[Path]:
@@ -174,25 +221,46 @@ def run_results(run: str | Path) -> list[Path]:
 
 
 def clear_run(run: str | Path) -> list[Path]:
-    """Remove what a run writes into its folder (config, provenance, metrics, task folders); other
-    files (logs, a user's own) stay. Returns what was removed."""
+    """Remove what a run writes into its folder (task folders, metrics, config, provenance); other
+    files (logs, a user's own) stay. Returns what was removed.
+
+    Nothing outside the folder is touched: a task folder or file that is a symbolic link is
+    unlinked, never followed (shutil.rmtree does not follow the links inside a folder either).
+    The run's record (config.yaml, run.json) goes last, so a clear that is killed midway leaves a
+    folder that still says whose results it holds.
+    """
     import shutil
 
     run = Path(run)
     removed = []
-    for name in (METRICS, MATRIX, CONFIG, RUN_INFO):
-        if (run / name).is_file():
-            (run / name).unlink()
-            removed.append(run / name)
-    for _, folder in task_dirs(run):
-        shutil.rmtree(folder)
-        removed.append(folder)
+    for child in sorted(run.iterdir()) if run.is_dir() else []:
+        if not is_task_dir_name(child.name):
+            continue
+        if child.is_symlink():
+            child.unlink()
+        elif child.is_dir():
+            shutil.rmtree(child)
+        else:
+            continue
+        removed.append(child)
+    for name in (*RUN_END_FILES, CONFIG, RUN_INFO):
+        path = run / name
+        if path.is_symlink() or path.is_file():
+            path.unlink()
+            removed.append(path)
     return removed
 
 
 def run_metrics(run: str | Path) -> dict[str, Any]:
     """Metrics of one run folder (:func:`dmnsp.metrics.metrics_from_rows` of its task files)."""
-    return metrics_from_rows(read_eval_rows(run), read_diagnostics(run))
+    rows, diagnostics = read_eval_rows(run), read_diagnostics(run)
+    try:
+        return metrics_from_rows(rows, diagnostics)
+    except ValueError as exc:  # records valid one by one that cannot be scored together
+        raise ConfigError(
+            f"the task records of {run} cannot be scored ({_first_line(exc)}); delete the task folders "
+            "named and rerun them"
+        ) from None
 
 
 # --------------------------------------------------------------------------- writers
@@ -225,7 +293,12 @@ def write_run_info(
             "git_revision": _git_revision(),
             "config_hash": config_hash(cfg),
             # The arithmetic that decides faithful DMNSP's float32 overflow (method.md section 6).
-            "numerics": {"optimizer": cfg["optimizer"]["numerics"], "eig": cfg["projection"]["eig"]},
+            "numerics": {
+                "optimizer": cfg["optimizer"]["numerics"],
+                "eig": cfg["projection"]["eig"],
+                "order": cfg["projection"]["order"],
+                "logit_scale": cfg["logit_scale"],
+            },
         },
     )
 
@@ -245,11 +318,18 @@ def write_task_outputs(folder: str | Path, state: TaskState, row: dict, diag: di
         written.append(atomic_write_json(folder / DIAGNOSTICS, json_safe(diag)))
         save_checkpoint(folder / CHECKPOINT, state, cfg)
         written.append(folder / CHECKPOINT)
-        written.append(atomic_write_json(folder / EVAL, json_safe(row)))
+        # The config that trained the task: a later job refuses to replace it with another's.
+        written.append(atomic_write_json(folder / EVAL, json_safe({**row, "config_hash": config_hash(cfg)})))
     except BaseException:
         for path in written:
             path.unlink(missing_ok=True)
         raise
+
+
+def check_run_dir_exists(run: str | Path) -> None:
+    """A run folder to read must exist (a command never creates a folder that holds no run)."""
+    if not Path(run).is_dir():
+        raise ConfigError(f"run folder {run} does not exist; give the folder that holds task0/, task1/, ...")
 
 
 def write_run_metrics(run: str | Path) -> dict[str, Any]:
@@ -258,8 +338,7 @@ def write_run_metrics(run: str | Path) -> dict[str, Any]:
     ``accuracy_matrix.csv`` holds ``R`` (fractions; empty cells for entries not evaluated or above
     the diagonal). ``metrics.json`` holds :func:`run_metrics` without the matrix.
     """
-    if not Path(run).is_dir():  # never create a folder that holds no run
-        raise ConfigError(f"run folder {run} does not exist; give the folder that holds task0/, task1/, ...")
+    check_run_dir_exists(run)
     metrics = run_metrics(run)
     rows = metrics["accuracy_matrix"]
     atomic_write_text(Path(run) / MATRIX, accuracy_matrix_frame(rows).to_csv())

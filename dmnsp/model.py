@@ -21,7 +21,6 @@ from torch import nn
 
 from .adapters import add_adapters
 
-LOGIT_SCALE = 100.0  # the reference freezes CLIP's logit scale at exp(log 100)
 _registered = False
 
 
@@ -114,9 +113,10 @@ def resolve_weights(model_name: str, pretrained: str | None, cache_dir: str | No
         return None
     looks_like_path = os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))
     if looks_like_path or os.path.exists(pretrained):
-        if not os.path.isfile(pretrained):
+        if not os.path.isfile(pretrained):  # a FIFO or folder is never opened (torch.load would block)
+            what = "is not a regular file" if os.path.exists(pretrained) else "does not exist"
             raise WeightsError(
-                f"pretrained weights file {pretrained} does not exist; give the path of a .pt/.bin/.safetensors "
+                f"pretrained weights file {pretrained} {what}; give the path of a .pt/.bin/.safetensors "
                 "checkpoint (for the tiny model run `python -m dmnsp pretrain` first)"
             )
         return pretrained
@@ -137,6 +137,15 @@ def resolve_weights(model_name: str, pretrained: str | None, cache_dir: str | No
         "cache_dir='WEIGHTS')\"` and copy WEIGHTS here, then set `cache_dir: WEIGHTS`; "
         "(2) set `pretrained:` to a local .pt/.bin/.safetensors file; (3) run where the internet is reachable."
     )
+
+
+def _load_problem(exc: Exception) -> str:
+    """One short line for why a weights file did not load (torch's own messages run to paragraphs,
+    and its advice to retry with ``weights_only=False`` would run a pickle's code)."""
+    text = (str(exc).strip().splitlines() or [""])[0].strip() or type(exc).__name__
+    if text.startswith("Weights only load failed"):
+        return "it is not a plain tensor checkpoint (torch's safe loader refused it)"
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 @dataclass
@@ -190,8 +199,8 @@ def create_clip(
     except Exception as exc:  # open_clip raises many types (unpickling, size mismatch, download)
         if weights and os.path.isfile(weights):
             raise WeightsError(
-                f"could not load weights {weights} into {model_name}: {exc}. The file is corrupt or was made "
-                "for another architecture; rebuild it (dmnsp pretrain) or point `pretrained` at the right file"
+                f"could not load weights {weights} into {model_name}: {_load_problem(exc)}. The file is corrupt or "
+                "was made for another architecture; rebuild it (dmnsp pretrain) or point `pretrained` at the right file"
             ) from exc
         raise WeightsError(f"could not build {model_name} with pretrained={pretrained!r}: {exc}") from exc
     model.logit_scale.requires_grad_(False)
@@ -212,9 +221,24 @@ def encode_image(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     return F.normalize(model.encode_image(images), dim=-1)
 
 
-def clip_logits(image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
-    """``100 * norm(f_img) · norm(f_txt)^T`` (features already normalised)."""
-    return LOGIT_SCALE * image_features @ text_features.t()
+def logit_scale(model: nn.Module, setting: str | float) -> torch.Tensor:
+    """The factor of the logits (run key ``logit_scale``, resolved), a float32 scalar on the model's device.
+
+    ``"checkpoint"``: ``exp(logit_scale)`` of the loaded weights, computed in float32 from the frozen
+    parameter as the reference's forward does (100 for OpenAI's ViT-B/16, 14.3 for a freshly
+    initialised CLIP, whatever a self-pretrained one reached); a number: that constant.
+    """
+    if setting == "checkpoint":
+        return model.logit_scale.detach().exp()
+    return torch.tensor(float(setting), dtype=torch.float32, device=model.logit_scale.device)
+
+
+def clip_logits(
+    image_features: torch.Tensor, text_features: torch.Tensor, scale: torch.Tensor | float
+) -> torch.Tensor:
+    """``scale * norm(f_img) · norm(f_txt)^T`` (features already normalised), multiplied in the
+    reference's order: ``(scale * f_img) @ f_txt^T``."""
+    return scale * image_features @ text_features.t()
 
 
 def prompts(class_names: list[str], template: str) -> list[str]:

@@ -4,6 +4,12 @@ Notation: L layers, D width, ``V_k`` (D × n_k) the basis of layer k, ``P_k = V_
 Faithful mode concatenates one ``U[:, TOP_SELECT:]`` block per task (never orthonormalised, so
 ``P_k ≈ t·I`` after t tasks); clean mode keeps ``V_k`` an orthonormal basis of the complement of
 the protected directions, so ``P_k`` is a true orthogonal projector.
+
+A gradient meets the operators in one of two orders (``projection.order``): ``reference``, the
+reference's loop (one layer's basis at a time, each product and each coefficient a float32 op:
+:func:`layer_operators`, :func:`project_sequential`), or ``composite``, one precomputed
+``M = P_0 ⋯ P_{L-1}`` per task and the product of the coefficients (:func:`composite_operators`,
+:func:`project_down`, :func:`project_up`): the same maths, fewer flops, other float32 rounding.
 """
 
 from __future__ import annotations
@@ -170,8 +176,12 @@ def projector(v: torch.Tensor) -> torch.Tensor:
     return v @ v.t()
 
 
+#: How the operators of the projection meet a gradient (``projection.order``).
+ORDERS = ("reference", "composite")
+
+
 def composite_operators(bases: list[torch.Tensor], layers: str = "multi") -> list[torch.Tensor]:
-    """Per-layer operator ``M_l`` applied to layer l's down-weight gradient as ``G M_l``.
+    """Per-layer operator ``M_l`` applied to layer l's down-weight gradient as ``G M_l`` (order composite).
 
     ``multi``: ``M = P_0 P_1 ⋯ P_{L-1}`` (left to right, the reference's order), shared by every
     layer and computed once per task. ``single``: ``M_l = P_l``.
@@ -196,20 +206,42 @@ def lambda_factors(lam: torch.Tensor, layers: str = "multi") -> list[float]:
 
 
 def project_down(grad: torch.Tensor, op: torch.Tensor, factor: float) -> torch.Tensor:
-    """Down weight (r × D): ``G M · factor``."""
+    """Down weight (r × D), order composite: ``G M · factor``."""
     return (grad @ op) * factor
 
 
 def project_up(grad: torch.Tensor, op: torch.Tensor, factor: float) -> torch.Tensor:
-    """Up weight (D × r): ``M^T G · factor`` (= ``P_{L-1} ⋯ P_0 G``)."""
+    """Up weight (D × r), order composite: ``M^T G · factor`` (= ``P_{L-1} ⋯ P_0 G``)."""
     return (op.t() @ grad) * factor
 
 
+def layer_operators(
+    bases: list[torch.Tensor], lam: torch.Tensor, layers: str = "multi"
+) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Per layer l, the ``(V_k, lambda[l][k])`` pairs its gradient meets, in order (order reference).
+
+    ``multi``: every layer's basis, k = 0 .. L-1; ``single``: layer l's own. The coefficients stay
+    float32 scalars on ``lam``'s device, as the reference's ``lamda[j][k]`` tensors are.
+    """
+    if layers not in ("multi", "single"):
+        raise ValueError(f"layers must be 'multi' or 'single', got {layers!r}")
+    if layers == "single":
+        return [[(v, lam[layer, layer])] for layer, v in enumerate(bases)]
+    return [[(v, lam[layer, k]) for k, v in enumerate(bases)] for layer in range(len(bases))]
+
+
 def project_sequential(
-    grad: torch.Tensor, bases: list[torch.Tensor], lam_row: torch.Tensor, kind: str
+    grad: torch.Tensor, pairs: list[tuple[torch.Tensor, torch.Tensor | float]], kind: str
 ) -> torch.Tensor:
-    """The reference's per-step loop over all layers' bases (slow; the specification for tests)."""
+    """The reference's per-step loop (order reference): one basis at a time, scaled after each.
+
+    Down weight: ``G ← (G V_k) V_kᵀ · lambda_k``; up weight: ``G ← V_k (V_kᵀ G) · lambda_k``, for the
+    pairs in order. Each product and each scaling is a separate float32 op, as in the reference,
+    so the rounding (and where the growing values overflow) is the reference's.
+    """
+    if kind not in ("down", "up"):
+        raise ValueError(f"kind must be 'down' or 'up', got {kind!r}")
     g = grad
-    for i, v in enumerate(bases):
-        g = (g @ v) @ v.t() * lam_row[i] if kind == "down" else v @ (v.t() @ g) * lam_row[i]
+    for v, lam in pairs:
+        g = torch.mm(torch.mm(g, v), v.t()) * lam if kind == "down" else torch.mm(v, torch.mm(v.t(), g)) * lam
     return g

@@ -9,11 +9,12 @@ colour across every figure.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import re
 import warnings
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +75,25 @@ def method_color(label: str) -> str:
 
 
 # --------------------------------------------------------------------------- helpers
+#: Every string drawn is plain text: labels, prompts and settings come from users, and matplotlib
+#: would parse ``$...$`` in them as mathtext (``$\\frac{}$`` raises, ``cost $5 and $6`` renders
+#: italics) or hand them to TeX. Set while a figure is built and saved (tick labels are made then).
+PLAIN_TEXT = {"text.parse_math": False, "text.usetex": False}
+
+
+def _plain_text(draw: Callable) -> Callable:
+    """Run a plotting function with :data:`PLAIN_TEXT` (matplotlib's global settings restored after)."""
+
+    @functools.wraps(draw)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        import matplotlib
+
+        with matplotlib.rc_context(PLAIN_TEXT):
+            return draw(*args, **kwargs)
+
+    return wrapper
+
+
 def _figure(width: float, height: float) -> Any:
     """A figure on its own Agg canvas (no pyplot, no global backend switch)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -130,6 +150,7 @@ def health_banner(runs: pd.DataFrame) -> str:
     return ("WARNING, not a result: " + "; ".join(parts) + " (see summary.md)") if parts else ""
 
 
+@_plain_text
 def plot_accuracy_curves(
     df_runs: pd.DataFrame, out_dir: str | Path, reference: pd.DataFrame | None = None
 ) -> list[Path]:
@@ -223,6 +244,7 @@ def plot_accuracy_curves(
 
 
 # --------------------------------------------------------------------------- accuracy matrices
+@_plain_text
 def plot_accuracy_matrices(run_dirs: Sequence[str | Path], out_dir: str | Path) -> list[Path]:
     """Heatmaps of the mean accuracy matrix ``R`` (percent) per method, one figure per (dataset, split).
 
@@ -285,6 +307,7 @@ def plot_accuracy_matrices(run_dirs: Sequence[str | Path], out_dir: str | Path) 
 
 
 # --------------------------------------------------------------------------- hyperparameters
+@_plain_text
 def plot_hyperparameters(summary: pd.DataFrame, out_dir: str | Path) -> list[Path]:
     """Heatmaps of mean Avg (percent) over each pair of swept hyperparameters.
 
@@ -445,6 +468,7 @@ def _num(value: Any) -> float:
     return np.nan if value is None else float(value)
 
 
+@_plain_text
 def plot_diagnostics(run_dirs: Sequence[str | Path], out_dir: str | Path) -> list[Path]:
     """Projection diagnostics (method.md section 6).
 

@@ -206,6 +206,7 @@ def pretrain(cfg: dict, out: str | Path, progress: bool = True) -> dict:
             raise PretrainHealthError(message)
         print(f"warning: {message} (accepted: pretrain.accept_weak is true)", file=sys.stderr)
     out = Path(out)
+    # Atomic: a failed write (disk full) leaves the previous model.pt, if any, and no partial file.
     atomic_save(
         out, lambda fh: torch.save({"state_dict": {k: v.cpu() for k, v in model.state_dict().items()}}, fh)
     )
@@ -225,5 +226,10 @@ def pretrain(cfg: dict, out: str | Path, progress: bool = True) -> dict:
         "seconds": time.perf_counter() - t0,
         "checkpoint": str(out),
     }
-    atomic_write_json(out.with_suffix(".json"), summary)
+    try:
+        atomic_write_json(out.with_suffix(".json"), summary)
+    except BaseException:  # the new model without its summary (or beside an older one's): neither stays
+        out.unlink(missing_ok=True)
+        out.with_suffix(".json").unlink(missing_ok=True)
+        raise
     return summary

@@ -35,11 +35,26 @@ def make_report_artifacts(
         ) from None
     reference = load_reference()
     runs = collect_runs(run_dirs)
+    # Tables first, and a figure that cannot be drawn costs only itself: a failed results job would
+    # have Snakemake delete the tables with it.
     tables, summary = write_tables_from(runs, tables_dir, expected_seeds, reference)
-    figures = {
-        "accuracy_curves": plots.plot_accuracy_curves(runs, plots_dir, reference),
-        "accuracy_matrices": plots.plot_accuracy_matrices(run_dirs, plots_dir),
-        "hyperparameters": plots.plot_hyperparameters(summary, plots_dir),
-        "diagnostics": plots.plot_diagnostics(run_dirs, plots_dir),
+    warnings = health_warnings(summary)
+    drawings = {
+        "accuracy_curves": lambda: plots.plot_accuracy_curves(runs, plots_dir, reference),
+        "accuracy_matrices": lambda: plots.plot_accuracy_matrices(run_dirs, plots_dir),
+        "hyperparameters": lambda: plots.plot_hyperparameters(summary, plots_dir),
+        "diagnostics": lambda: plots.plot_diagnostics(run_dirs, plots_dir),
     }
-    return {"tables": tables, "plots": figures, "warnings": health_warnings(summary)}
+    figures: dict[str, list] = {}
+    for kind, draw in drawings.items():
+        try:
+            figures[kind] = draw()
+        except OutputError:
+            raise  # disk full or unwritable: the user's to fix, and the next figure would fail too
+        except Exception as exc:  # a figure matplotlib cannot draw: the tables stand
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            figures[kind] = []
+            warnings.append(
+                f"the {kind} figures were not drawn ({type(exc).__name__}: {first}); the tables are complete"
+            )
+    return {"tables": tables, "plots": figures, "warnings": warnings}

@@ -15,11 +15,11 @@ from pathlib import Path
 import torch
 
 from . import methods
-from .adapters import adapter_state_dict, load_adapter_state_dict
+from .adapters import adapter_state_dict, adapter_widths, load_adapter_state_dict, state_mismatch
 from .checkpoint import CheckpointError, TaskState, load_checkpoint
 from .config import ConfigError
 from .datasets import DatasetSplits, load_dataset
-from .devices import available_cores, pick_device, set_threads
+from .devices import available_cores, check_workers, pick_device, set_threads
 from .evaluate import evaluate_seen
 from .layout import task_dir, write_task_outputs
 from .loaders import derive_seed
@@ -31,7 +31,7 @@ from .train import peak_memory_mb, train_task
 
 def _num_workers(spec: int | str) -> int:
     if spec != "auto":
-        return int(spec)
+        return check_workers(int(spec))
     cores = available_cores()
     # Tiny images decode in microseconds: extra processes only pay off with spare cores.
     return 0 if cores <= 2 else min(8, cores - 1)
@@ -183,10 +183,12 @@ def run_one_task(
 
 
 def check_state_fits(model: torch.nn.Module, state: TaskState, path: str | Path, cfg: dict) -> None:
-    """A checkpoint whose adapters or method state do not fit the model (a valid checksum, but
-    crafted or altered contents: the config hash already matched) is a :class:`CheckpointError`
-    naming the file; the method judges its own state (:meth:`dmnsp.methods.Method.state_mismatch`)."""
-    why = methods.get(cfg["method"])().state_mismatch(model, state.adapters, state.bases)
+    """A checkpoint whose adapters or method state (DMNSP: the bases' layers, rows and columns) do not
+    fit the model and the method (a valid checksum, but crafted or altered contents: the config hash
+    already matched) is a :class:`CheckpointError` naming the file."""
+    why = state_mismatch(model, state.adapters) or methods.get(cfg["method"]).state_mismatch(
+        cfg, state.task, state.bases, adapter_widths(model)
+    )
     if why is not None:
         raise CheckpointError(
             f"checkpoint {path} does not fit {cfg['model_name']} with adapter_dim {cfg['adapter_dim']} ({why}); "

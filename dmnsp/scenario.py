@@ -38,6 +38,15 @@ SCENARIO_KEYS = (
 _TRAIN_STREAM, _TEST_STREAM = 0, 1
 
 
+# Bounds of a scenario, far above real ones (CIFAR100 100 classes, TinyImageNet 200, 50 tasks): a class
+# order longer than MAX_CLASSES (the run schema's class_order maxItems) or a split into more than
+# MAX_TASKS tasks is a mistake or an attack (the accuracy matrix alone grows with tasks squared).
+MAX_CLASSES = 100_000
+MAX_TASKS = 1_000
+# A scenario of one class measures nothing: every prediction is that class, every accuracy 100%.
+MIN_CLASSES = 2
+
+
 class ScenarioError(ConfigError):
     """The class order, task split or sample budget cannot form a scenario; says what to change."""
 
@@ -48,6 +57,45 @@ class ScenarioError(ConfigError):
 def _ids(values: list[int]) -> str:
     shown = ", ".join(str(v) for v in values[:20])
     return shown + (f", ... ({len(values)} in all)" if len(values) > 20 else "")
+
+
+def check_class_order(raw: Sequence[Any], source: str, n_classes: int | None = None) -> list[int]:
+    """The class ids of a class order, checked: integers, each once, at most :data:`MAX_CLASSES`;
+    with ``n_classes`` (the dataset's class count, when known) every id in 0..n-1 exactly once.
+
+    Planning calls it without the data (``n_classes`` from the dataset's fixed count, or None), the
+    job with the loaded dataset's count, so both refuse the same orders with the same words.
+
+    Raises:
+        ScenarioError: naming ``source`` and the offending ids.
+    """
+    if len(raw) > MAX_CLASSES:
+        raise ScenarioError(f"{source} lists {len(raw):,} class ids, more than the {MAX_CLASSES:,} allowed")
+    bad = [v for v in raw if isinstance(v, bool) or not isinstance(v, int | np.integer)]
+    if bad:
+        raise ScenarioError(f"{source} must list integer class ids; got {_ids_repr(bad)}")
+    order = [int(v) for v in raw]
+    dups = sorted(c for c, k in Counter(order).items() if k > 1)
+    if dups:
+        raise ScenarioError(f"{source} lists class ids more than once: {_ids(dups)}")
+    limit = MAX_CLASSES if n_classes is None else n_classes
+    unknown = sorted(c for c in order if not 0 <= c < limit)
+    if unknown:
+        having = f"the dataset has {n_classes} classes" if n_classes is not None else "ids are class numbers"
+        raise ScenarioError(f"{source} has ids outside 0..{limit - 1} ({having}): {_ids(unknown)}")
+    if n_classes is not None:
+        missing = sorted(set(range(n_classes)) - set(order))
+        if missing:
+            raise ScenarioError(
+                f"{source} leaves out {len(missing)} of the dataset's {n_classes} classes: {_ids(missing)}; "
+                "every class must appear exactly once"
+            )
+    return order
+
+
+def _ids_repr(values: list) -> str:
+    """The first few offending values, each cut short (a hostile file may hold megabyte strings)."""
+    return "[" + ", ".join(repr(v)[:40] for v in values[:5]) + (", ...]" if len(values) > 5 else "]")
 
 
 def resolve_class_order(
@@ -77,24 +125,7 @@ def resolve_class_order(
         source = f"class_order file {cfg_class_order}"
     else:
         raw, source = list(cfg_class_order), "class_order"
-    bad = [v for v in raw if isinstance(v, bool) or not isinstance(v, int | np.integer)]
-    if bad:
-        raise ScenarioError(f"{source} must list integer class ids; got {bad[:5]}")
-    order = [int(v) for v in raw]
-    dups = sorted(c for c, k in Counter(order).items() if k > 1)
-    if dups:
-        raise ScenarioError(f"{source} lists class ids more than once: {_ids(dups)}")
-    unknown = sorted(c for c in order if not 0 <= c < n_classes)
-    if unknown:
-        raise ScenarioError(
-            f"{source} has ids outside 0..{n_classes - 1} (the dataset has {n_classes} classes): {_ids(unknown)}"
-        )
-    missing = sorted(set(range(n_classes)) - set(order))
-    if missing:
-        raise ScenarioError(
-            f"{source} leaves out {len(missing)} of the dataset's {n_classes} classes: {_ids(missing)}; "
-            "every class must appear exactly once"
-        )
+    order = check_class_order(raw, source, n_classes)
     if class_order_seed is not None:
         if class_order_seed < 0:
             raise ScenarioError(f"class_order_seed must be >= 0, got {class_order_seed}")
@@ -106,6 +137,12 @@ def resolve_class_order(
 
 
 def _check_split(n_classes: int, initial_increment: int, increment: int) -> None:
+    if n_classes < MIN_CLASSES:
+        raise ScenarioError(
+            f"the scenario has {n_classes} class{'es' if n_classes != 1 else ''}: with fewer than {MIN_CLASSES} "
+            "every prediction is right and every accuracy 100%, which measures nothing; use a dataset or "
+            f"class_order with at least {MIN_CLASSES} classes"
+        )
     if initial_increment < 1 or increment < 1:
         raise ScenarioError(
             f"initial_increment and increment must be >= 1, got {initial_increment} and {increment}"
@@ -116,11 +153,18 @@ def _check_split(n_classes: int, initial_increment: int, increment: int) -> None
         )
     rest = n_classes - initial_increment
     if rest % increment:
-        fits = [d for d in range(1, rest + 1) if rest % d == 0]
+        small = [d for d in range(1, math.isqrt(rest) + 1) if rest % d == 0]  # O(sqrt): rest may be huge
+        fits = sorted({*small, *(rest // d for d in small)})
         raise ScenarioError(
             f"split {initial_increment}-{increment} does not fit {n_classes} classes: the {rest} classes "
             f"after the first task are not a multiple of increment {increment} "
             f"(increments that fit: {', '.join(map(str, fits))})"
+        )
+    tasks = 1 + rest // increment
+    if tasks > MAX_TASKS:
+        raise ScenarioError(
+            f"split {initial_increment}-{increment} of {n_classes} classes makes {tasks:,} tasks, more than the "
+            f"{MAX_TASKS:,} allowed; use larger increments"
         )
 
 

@@ -20,7 +20,7 @@ from . import methods
 from .adapters import adapters
 from .loaders import cycle, derive_seed, make_loader
 from .methods import Method, MethodState, TaskContext
-from .model import clip_logits, encode_image, encode_text, tokenize_prompts
+from .model import clip_logits, encode_image, encode_text, logit_scale, tokenize_prompts
 from .optim import describe
 
 __all__ = ["NonFiniteError", "derive_seed", "lr_at", "inf_fraction", "peak_memory_mb", "train_task"]
@@ -123,7 +123,9 @@ def _step(
     if loss is None:
         with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=ctx.amp):
             image_features = encode_image(model, images)
-            logits = clip_logits(image_features, encode_text(model, ctx.tokens))
+            logits = clip_logits(
+                image_features, encode_text(model, ctx.tokens), logit_scale(model, cfg["logit_scale"])
+            )
         loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg["ls"])
         extra = method.extra_loss(ctx, images, image_features)
         if extra is not None:
@@ -213,6 +215,8 @@ def train_task(
         "numerics": cfg["optimizer"]["numerics"],
         "optimizer": describe(optimizer),
         "eig": cfg["projection"]["eig"],
+        "order": cfg["projection"]["order"],
+        "logit_scale": float(logit_scale(model, cfg["logit_scale"])),
         "inf_fraction_exp_avg_sq": {name: inf_fraction(optimizer, ps) for name, ps in towers.items()},
         "update_norm": _update_norms(towers, before),
         "loss": _loss_summary(losses),

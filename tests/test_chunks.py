@@ -267,7 +267,8 @@ def test_task_range_errors_are_one_line_user_errors(one_per_job, run_cfg, tmp_pa
 
 def test_a_chunk_guards_every_task_folder_of_its_range(one_per_job, run_cfg, tmp_path, capsys):
     """As a one-task job: no task of the range writes over another task's results, nor into a
-    folder another process holds; both refused before any training, leaving the folders as found."""
+    run another process holds (the run folder's one lock); both refused before any training,
+    leaving the folders as found."""
     from dmnsp import guard, layout
 
     resume = str(one_per_job / "task2" / "checkpoint.pt")
@@ -280,7 +281,7 @@ def test_a_chunk_guards_every_task_folder_of_its_range(one_per_job, run_cfg, tmp
     assert "holds the results of task 1" in err and "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["task4"]
     (tmp_path / "task4" / layout.EVAL).unlink()
-    with guard.locked(tmp_path / "task4", "another job"):
+    with guard.locked(tmp_path, "another job"):
         assert main(argv) == 2
     assert "is in use by another dmnsp process" in capsys.readouterr().err
     assert not (tmp_path / "task3").exists() and not list((tmp_path / "task4").iterdir())

@@ -180,10 +180,20 @@ def test_prepare_run_records_the_numerics_in_run_json(tmp_path):
     args = ["prepare-run", "--experiment", "e", "--out-dir", str(out), "--set", "optimizer.numerics=cpu"]
     assert main(args) == 0
     info = json.loads((out / "run.json").read_text())
-    assert info["numerics"] == {"optimizer": "cpu", "eig": "svd"}
+    assert info["numerics"] == {
+        "optimizer": "cpu",
+        "eig": "svd",
+        "order": "reference",
+        "logit_scale": "checkpoint",
+    }
     assert info["settings"] == {"optimizer.numerics": "cpu"}
     assert (
         main(["prepare-run", "--experiment", "e", "--out-dir", str(out), "--set", "projection.mode=clean"])
         == 0
     )
-    assert json.loads((out / "run.json").read_text())["numerics"] == {"optimizer": "torch", "eig": "eigh"}
+    assert json.loads((out / "run.json").read_text())["numerics"] == {
+        "optimizer": "torch",
+        "eig": "eigh",
+        "order": "composite",
+        "logit_scale": 100.0,
+    }

@@ -3,7 +3,6 @@ the problem and the fix (exit code 2 on the command line), and nothing finished 
 
 from __future__ import annotations
 
-import builtins
 import json
 import math
 import os
@@ -191,27 +190,27 @@ def test_invalid_yaml_in_a_class_order_file_stops_planning(tmp_path):
 
 
 def test_both_class_order_shapes_plan_and_run_alike(tmp_path):
-    for text in ("[3, 1, 0, 2]\n", "class_order: [3, 1, 0, 2]\n"):
+    ids = [3, 1, 0, 2, 9, 8, 7, 6, 5, 4]  # Fashion-MNIST's 10 classes
+    for text in (f"{ids}\n", f"class_order: {ids}\n"):
         order = tmp_path / "order.yaml"
         order.write_text(text)
         (run,) = expand_experiment("e", experiment(class_order=str(order)))[0]
-        assert run.n_tasks == 2
-        assert resolve_class_order(str(order), 4, [0, 1, 2, 3]) == [3, 1, 0, 2]
+        assert run.n_tasks == 5
+        assert resolve_class_order(str(order), 10, list(range(10))) == ids
 
 
 def test_unreadable_files_are_named(tmp_path, monkeypatch):
     path = tmp_path / "secret.yaml"
     path.write_text("lr: 0.1\n")
-    if os.geteuid() == 0:  # root reads through chmod 000: make the read itself fail as it would
-        real_open = builtins.open
+    if os.geteuid() == 0:  # root reads through chmod 000: make the open itself fail as it would
+        real_open = os.open
 
         def deny(file, *args, **kwargs):
-            if Path(file) == path:
+            if isinstance(file, str | os.PathLike) and Path(file) == path:
                 raise PermissionError(13, "Permission denied", str(file))
             return real_open(file, *args, **kwargs)
 
-        monkeypatch.setattr(builtins, "open", deny)
-        monkeypatch.setattr("io.open", deny)
+        monkeypatch.setattr(os, "open", deny)  # dmnsp.bounded opens by descriptor (O_NONBLOCK)
     else:
         path.chmod(0)
     with pytest.raises(ConfigError, match="cannot be read \\(Permission denied\\); check its permissions"):

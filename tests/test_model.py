@@ -16,7 +16,7 @@ from dmnsp.model import ModelError, WeightsError, create_clip
 def _logits(model, images, tokens):
     model.eval()
     with torch.no_grad():
-        return dm.clip_logits(dm.encode_image(model, images), dm.encode_text(model, tokens))
+        return dm.clip_logits(dm.encode_image(model, images), dm.encode_text(model, tokens), 100.0)
 
 
 def test_adapters_at_init_equal_plain_zero_shot():
@@ -111,3 +111,56 @@ def test_gpu_requested_but_absent():
         pytest.skip("a GPU is present; the missing-GPU error cannot be provoked")
     with pytest.raises(ModelError, match="CUDA is not available"):
         dm.resolve_device("cuda")
+
+
+def test_logit_scale_is_the_checkpoints_own_or_a_constant(tmp_path):
+    src = create_clip("dmnsp-tiny", None, seed=5, adapter_dim=None).model
+    with torch.no_grad():
+        src.logit_scale.fill_(2.6612)  # a self-pretrained model's value: exp = 14.31
+    path = tmp_path / "tiny.pt"
+    torch.save({"state_dict": src.state_dict()}, path)
+    model = create_clip("dmnsp-tiny", str(path), seed=1, adapter_dim=8).model
+    got = dm.logit_scale(model, "checkpoint")
+    # exp of the stored float32 parameter, in float32 (what the reference's forward computes).
+    assert got.dtype == torch.float32 and torch.equal(
+        got, torch.exp(torch.tensor(2.6612, dtype=torch.float32))
+    )
+    assert float(got) == pytest.approx(14.31, abs=0.01)
+    assert torch.equal(dm.logit_scale(model, 100.0), torch.tensor(100.0))
+    assert torch.equal(dm.logit_scale(model, 100), torch.tensor(100.0))
+    # Random init: CLIP's 1/0.07.
+    assert float(dm.logit_scale(create_clip("dmnsp-tiny", None, adapter_dim=8).model, "checkpoint")) == (
+        pytest.approx(1 / 0.07, rel=1e-6)
+    )
+    img = torch.nn.functional.normalize(torch.randn(3, 8), dim=-1)
+    txt = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
+    assert torch.equal(dm.clip_logits(img, txt, got), (got * img) @ txt.t())
+
+
+def test_logit_scale_order_and_basis_batch_keys_resolve_by_mode_and_label_the_run():
+    from dmnsp.config import ConfigError, config_hash, validate
+    from dmnsp.methods import run_label
+
+    base = {"model_name": "dmnsp-tiny", "pretrained": None}
+    faithful = validate(base)
+    clean = validate({**base, "projection": {"mode": "clean"}})
+    assert faithful["logit_scale"] == "checkpoint" and clean["logit_scale"] == 100.0
+    assert faithful["projection"]["order"] == "reference" and clean["projection"]["order"] == "composite"
+    assert faithful["projection"]["basis_batch"] == clean["projection"]["basis_batch"] == 128
+    assert run_label(faithful) == "dmnsp" and run_label(clean) == "dmnsp (mode=clean)"
+    # 100 and 100.0 are one setting (one config hash); off the mode's choice they name the run.
+    a, b = validate({**base, "logit_scale": 100}), validate({**base, "logit_scale": 100.0})
+    assert a["logit_scale"] == 100.0 and config_hash(a) == config_hash(b) != config_hash(faithful)
+    assert run_label(a) == "dmnsp (logit_scale=100)"
+    assert (
+        run_label(validate({**base, "method": "finetune", "logit_scale": 100}))
+        == "finetune (logit_scale=100)"
+    )
+    assert run_label(validate({**base, "method": "zeroshot", "logit_scale": 100})) == "zeroshot"  # argmax
+    odd = validate({**base, "projection": {"order": "composite", "basis_batch": 64}})
+    assert run_label(odd) == "dmnsp (order=composite, basis_batch=64)"
+    for bad in ("foo", 0, -1.0, True):
+        with pytest.raises(ConfigError, match="logit_scale"):
+            validate({**base, "logit_scale": bad})
+    with pytest.raises(ConfigError, match="basis_batch"):
+        validate({**base, "projection": {"basis_batch": 0}})

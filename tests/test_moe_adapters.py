@@ -19,6 +19,7 @@ from dmnsp.checkpoint import TaskState, load_checkpoint, save_checkpoint
 from dmnsp.config import tower_widths
 from dmnsp.methods import TaskContext
 from dmnsp.methods.moe_adapters import text_gate_spread
+from dmnsp.model import logit_scale
 from dmnsp.moe import MoEAdapter, gate_logits, mix, router_input, top_k_gates
 from dmnsp.runner import Session, check_state_fits
 
@@ -220,7 +221,8 @@ def _eval_logits(session, seed: int) -> torch.Tensor:
     images = torch.stack([session.heldout(0)[i][0] for i in range(4)])
     torch.manual_seed(seed)
     with torch.no_grad():
-        return method.evaluator(model, tokens, {}, session.cfg)(images)
+        scale = logit_scale(model, session.cfg["logit_scale"])
+        return method.evaluator(model, tokens, {}, session.cfg, scale)(images)
 
 
 def test_faithful_evaluation_draws_gate_noise_clean_does_not(fake_data, faithful_run):

@@ -48,6 +48,19 @@ def test_concat_basis_is_t_identity_minus_protected(tasks):
     assert torch.allclose(v @ v.t(), expected, atol=1e-4)
 
 
+def _reference_loop(g: torch.Tensor, bases, lam_row, layers: str, layer: int, kind: str) -> torch.Tensor:
+    """The reference's per-step loop, written out: for each operator i (all, or the layer's own),
+    ``torch.mm`` by V_i then by V_iᵀ (down: on the right; up: on the left), then ``* lambda[l][i]``."""
+    which = range(len(bases)) if layers == "multi" else [layer]
+    for i in which:
+        v = bases[i]
+        if kind == "down":
+            g = torch.mm(torch.mm(g, v), v.T) * lam_row[i]
+        else:
+            g = torch.mm(v, torch.mm(v.T, g)) * lam_row[i]
+    return g
+
+
 @pytest.mark.parametrize("layers", ["multi", "single"])
 @pytest.mark.parametrize("tasks", [1, 3])
 def test_composite_operator_equals_sequential_loop(layers, tasks):
@@ -58,17 +71,48 @@ def test_composite_operator_equals_sequential_loop(layers, tasks):
     g = torch.Generator().manual_seed(2)
     for layer in (0, 5, 11):
         g_down, g_up = torch.randn(4, D, generator=g), torch.randn(D, 4, generator=g)
-        if layers == "multi":
-            ref_down = ns.project_sequential(g_down, bases, lam[layer], "down")
-            ref_up = ns.project_sequential(g_up, bases, lam[layer], "up")
-        else:
-            ref_down = (g_down @ bases[layer]) @ bases[layer].t() * lam[layer, layer]
-            ref_up = bases[layer] @ (bases[layer].t() @ g_up) * lam[layer, layer]
+        ref_down = _reference_loop(g_down, bases, lam[layer], layers, layer, "down")
+        ref_up = _reference_loop(g_up, bases, lam[layer], layers, layer, "up")
         got_down = ns.project_down(g_down, ops[layer], factors[layer])
         got_up = ns.project_up(g_up, ops[layer], factors[layer])
         # Magnitudes reach 1e17+ (28^12 * t^12): compare relative to the scale.
         assert torch.allclose(got_down, ref_down, rtol=1e-3, atol=1e-4 * ref_down.abs().max().item())
         assert torch.allclose(got_up, ref_up, rtol=1e-3, atol=1e-4 * ref_up.abs().max().item())
+
+
+@pytest.mark.parametrize("layers", ["multi", "single"])
+@pytest.mark.parametrize("tasks", [1, 3])
+def test_reference_order_is_the_reference_loop_bit_for_bit(layers, tasks):
+    bases = _faithful_bases(tasks)
+    lam = 20 + 10 * torch.rand(L, L, generator=torch.Generator().manual_seed(1))
+    pairs = ns.layer_operators(bases, lam, layers)
+    ops, factors = ns.composite_operators(bases, layers), ns.lambda_factors(lam, layers)
+    g = torch.Generator().manual_seed(2)
+    differs = 0
+    for layer in range(L):
+        # Row = the scaled layer, column = the operator; every coefficient a float32 scalar.
+        want = [(k, lam[layer, k]) for k in range(L)] if layers == "multi" else [(layer, lam[layer, layer])]
+        assert [(v.data_ptr(), float(c)) for v, c in pairs[layer]] == [
+            (bases[k].data_ptr(), float(c)) for k, c in want
+        ]
+        assert all(isinstance(c, torch.Tensor) and c.dtype == torch.float32 for _, c in pairs[layer])
+        for kind, shape in (("down", (4, D)), ("up", (D, 4))):
+            grad = torch.randn(*shape, generator=g) * 1e-3
+            got = ns.project_sequential(grad, pairs[layer], kind)
+            assert torch.equal(got, _reference_loop(grad, bases, lam[layer], layers, layer, kind)), (
+                layer,
+                kind,
+            )
+            composite = (ns.project_down if kind == "down" else ns.project_up)(
+                grad, ops[layer], factors[layer]
+            )
+            differs += int(not torch.equal(got, composite))
+    # The composite is the same maths with other float32 rounding: not the same bits.
+    assert differs > 0
+    with pytest.raises(ValueError, match="kind"):
+        ns.project_sequential(torch.zeros(4, D), pairs[0], "left")
+    with pytest.raises(ValueError, match="layers"):
+        ns.layer_operators(bases, lam, "all")
 
 
 def test_faithful_gradients_reach_overflow_scale():

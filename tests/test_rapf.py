@@ -293,10 +293,11 @@ def test_clean_identity_map_evaluates_as_zero_shot_clip(two_tasks):
     tokens = session.bundle.tokenizer([f"a good photo of a {n}." for n in session.scenario.class_names[:4]])
     images = torch.stack([session.heldout(0)[i][0] for i in range(6)])
     state = {MAP: [torch.eye(64)], MEANS: [torch.zeros(4, 64)], COVS: [torch.eye(64)] * 4}
+    scale = torch.tensor(100.0)  # the head is checked here, not the scale
     with torch.no_grad():
-        ours = methods.get("rapf")().evaluator(model, tokens, state, session.cfg)(images)
-        zero = Method().evaluator(model, tokens, {}, session.cfg)(images)
-        half = methods.get("rapf")().evaluator(model, tokens, state, rapf_config())(images)
+        ours = methods.get("rapf")().evaluator(model, tokens, state, session.cfg, scale)(images)
+        zero = Method().evaluator(model, tokens, {}, session.cfg, scale)(images)
+        half = methods.get("rapf")().evaluator(model, tokens, state, rapf_config(), scale)(images)
     torch.testing.assert_close(ours, zero, rtol=1e-6, atol=1e-5)
     assert half.dtype == torch.float16  # faithful: fp16 logits
     torch.testing.assert_close(half.float(), zero, rtol=1e-2, atol=0.1)
@@ -316,7 +317,7 @@ def test_a_checkpoint_resumes_the_task_bit_for_bit(fake_data, two_tasks, tmp_pat
     with pytest.raises(CheckpointError, match="RAPF map"):
         check_state_fits(other.model, bad, tmp_path / "task0.pt", cfg)
     short = TaskState(0, {}, {**s0.bases, COVS: s0.bases[COVS][:1]}, [0, 1])
-    with pytest.raises(CheckpointError, match="2 class means but 1 covariances"):
+    with pytest.raises(CheckpointError, match="1 covariances for 2 classes seen"):
         check_state_fits(other.model, short, tmp_path / "task0.pt", cfg)
 
 

@@ -157,3 +157,81 @@ def test_a_real_postgresql_passes_the_check_and_a_wrong_database_is_named(tmp_pa
 def test_storage_target_expands_set_variables_only():
     assert storage.storage_target("results/x/study.journal") == "results/x/study.journal"
     assert Path(storage.storage_target("$HOME/s.journal")).is_absolute()
+
+
+# ----------------------------------------------------------------------- hostile journal paths (issue 17)
+def _check_within(seconds: float, target: dict) -> str:
+    """check_storage's one-line error, failing the test if it takes longer than ``seconds`` (a hang)."""
+    result: list = []
+
+    def check() -> None:
+        try:
+            storage.check_storage(target)
+            result.append("passed")
+        except search.SearchError as exc:
+            result.append(str(exc))
+
+    thread = threading.Thread(target=check, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert result, f"check_storage({target['storage']!r}) still runs after {seconds} s"
+    return result[0]
+
+
+def test_a_journal_path_that_is_a_fifo_or_a_link_is_refused_without_opening_it(tmp_path):
+    import os
+
+    fifo = tmp_path / "study.journal"
+    os.mkfifo(fifo)
+    message = _check_within(10, spec(str(fifo)))
+    assert message.startswith(f"search.storage {fifo} is not a regular file") and "\n" not in message
+    victim = tmp_path / "someone-elses-file"
+    victim.write_text("precious\n")
+    link = tmp_path / "linked.journal"
+    link.symlink_to(victim)
+    assert "is a symbolic link" in _check_within(10, spec(str(link)))
+    (tmp_path / "dangling.journal").symlink_to(tmp_path / "nowhere" / "new-file")
+    assert "is a symbolic link" in _check_within(10, spec(str(tmp_path / "dangling.journal")))
+    assert victim.read_text() == "precious\n" and not (tmp_path / "nowhere").exists()
+
+
+def _search_config(tmp_path: Path, url: str) -> Path:
+    import yaml
+    from test_search import workflow_config
+
+    cfg = workflow_config(storage=url)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+@pytest.mark.slow
+def test_a_search_study_is_created_through_the_workflow_with_variables_from_the_environment(tmp_path):
+    """`${PGPASSWORD}` in search.storage, as the README's PostgreSQL example writes it, used to stop
+    planning with a Snakemake WildcardError (the spec went into a params string). Now it plans, and
+    the job, not the planner, expands the variables; the password reaches no file and no log."""
+    import subprocess
+    import sys
+
+    from pg import PostgresServer, server_bindir
+    from test_search import ENV, SNAKEFILE
+
+    if server_bindir() is None:
+        pytest.skip("PostgreSQL server binaries are not installed (apt-get install postgresql)")
+    secret = "s3cret-pw-7f41"
+    with PostgresServer() as pg:
+        # The port comes from a variable too: unexpanded, the URL would not connect.
+        url = "postgresql+psycopg://postgres:${PGPASSWORD}@127.0.0.1:${DMNSP_PG_PORT}/postgres"
+        config = _search_config(tmp_path, url)
+        env = {**ENV, "PGPASSWORD": secret, "DMNSP_PG_PORT": str(pg.port)}
+        cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(SNAKEFILE), "--directory", str(tmp_path)]
+        cmd += ["results/tiny/search/study.json", "--cores", "1", "--configfile", str(config)]
+        proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        study = json.loads((tmp_path / "results" / "tiny" / "search" / "study.json").read_text())
+        assert study["created"] is True and study["storage"] == url
+        assert optuna.study.get_all_study_names(optuna.storages.RDBStorage(pg.url)) == [study["study_name"]]
+        assert secret not in proc.stdout + proc.stderr
+        for path in tmp_path.rglob("*"):
+            if path.is_file():
+                assert secret.encode() not in path.read_bytes(), path

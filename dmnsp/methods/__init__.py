@@ -10,7 +10,7 @@ Importing this package imports no torch (the planner reads it at Snakefile parse
 
 # The registration of each method: importing its file runs its @register.
 from . import dmnsp, finetune, lwf, moe_adapters, rapf, zeroshot  # noqa: F401
-from .base import NUMERICS_BY_MODE, TRAINING_KEYS, Method, MethodState, TaskContext
+from .base import LOGIT_SCALE_BY_MODE, NUMERICS_BY_MODE, TRAINING_KEYS, Method, MethodState, TaskContext
 from .registry import (
     UnknownMethodError,
     Variant,
@@ -25,6 +25,7 @@ from .registry import (
 )
 
 __all__ = [
+    "LOGIT_SCALE_BY_MODE",
     "NUMERICS_BY_MODE",
     "TRAINING_KEYS",
     "Method",

@@ -43,12 +43,18 @@ TRAINING_KEYS = frozenset(
         "adapter_scale",
         "adapter_dropout",
         "optimizer.numerics",
+        "logit_scale",
     }
 )
 
 #: ``optimizer.numerics`` when a config leaves it null: the reference ran torch's foreach AdamW on
 #: a GPU (faithful); clean mode takes torch's own AdamW for the device (method.md section 6).
 NUMERICS_BY_MODE = {"faithful": "cuda-foreach", "clean": "torch"}
+
+#: ``logit_scale`` when a config leaves it null: the reference multiplies the logits by
+#: ``exp(logit_scale)`` of the loaded checkpoint (faithful); clean mode uses CLIP's 100, the value of
+#: OpenAI's weights, whatever a self-pretrained checkpoint reached (config/README.md, Numerics).
+LOGIT_SCALE_BY_MODE: dict[str, str | float] = {"faithful": "checkpoint", "clean": 100.0}
 
 #: Method state kept from task to task in the checkpoint: per tower, a list of tensors.
 MethodState = dict[str, list["torch.Tensor"]]
@@ -166,14 +172,21 @@ class Method:
         its parameters: the initial adapters, a restored checkpoint and the optimiser then see the
         change. Whatever it installs as ``block.adapter`` is saved and restored as adapters."""
 
+    @classmethod
     def state_mismatch(
-        self, model: nn.Module, adapters: dict[str, torch.Tensor], state: MethodState
+        cls, cfg: Mapping[str, Any], task: int, state: MethodState, widths: Mapping[str, Sequence[int]]
     ) -> str | None:
-        """Why a checkpoint's adapters and method state do not fit ``model``, or None (default: the
-        adapters by name and shape, the state as per-layer bases of the adapters' width)."""
-        from ..adapters import state_mismatch
+        """Why ``state``, read from a checkpoint written after task ``task``, is not what this method
+        writes under ``cfg`` for a model whose adapters have output ``widths`` (per tower, per layer);
+        None when it fits. Checked before the state is used, so a crafted checkpoint (valid
+        checksum, same config) cannot pass tensors of the wrong size into the maths.
 
-        return state_mismatch(model, adapters, state)
+        The default is a method that keeps no state between tasks; a method that keeps some
+        overrides this with the shapes it writes (DMNSP: its per-layer bases).
+        """
+        if any(len(v) for v in state.values()):
+            return f"method {cls.name} keeps no state between tasks, but the checkpoint holds {sorted(state)}"
+        return None
 
     # ------------------------------------------------------------------ hooks
     def start_task(self, ctx: TaskContext) -> None:
@@ -228,12 +241,18 @@ class Method:
 
     # ------------------------------------------------------------------ evaluation
     def evaluator(
-        self, model: nn.Module, tokens: torch.Tensor, state: MethodState, cfg: Mapping[str, Any]
+        self,
+        model: nn.Module,
+        tokens: torch.Tensor,
+        state: MethodState,
+        cfg: Mapping[str, Any],
+        scale: torch.Tensor,
     ) -> Logits:
         """The logits evaluation takes the argmax of, for batches of images against ``tokens`` (the
-        prompts of every seen class), with the method's ``state`` after the task. Called in eval
-        mode, without grad. Default: CLIP's, the text features computed once."""
+        prompts of every seen class), with the method's ``state`` after the task and the logit scale
+        ``scale`` (run key ``logit_scale``, resolved by :func:`dmnsp.model.logit_scale`). Called in
+        eval mode, without grad. Default: CLIP's, the text features computed once."""
         from ..model import clip_logits, encode_image, encode_text
 
         text = encode_text(model, tokens)
-        return lambda images: clip_logits(encode_image(model, images), text)
+        return lambda images: clip_logits(encode_image(model, images), text, scale)

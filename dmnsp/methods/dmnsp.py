@@ -3,8 +3,10 @@
 
 From task 1 on, the first batch's adapter outputs give the dynamic coefficients and the projection
 plan (fixed for the task); every step then passes the visual adapter weights' gradients (or, in
-clean mode, AdamW's update) through all layers' operators. After the task, one shuffled batch of
-its images gives the new per-layer null-space bases, the state kept in the checkpoint.
+clean mode, AdamW's update) through all layers' operators, one layer's basis at a time as the
+reference does (``projection.order: reference``) or through their precomputed product
+(``composite``). After the task, one shuffled batch of 128 of its training images (whatever
+``batch_size`` is) gives the new per-layer null-space bases, the state kept in the checkpoint.
 """
 
 from __future__ import annotations
@@ -25,36 +27,59 @@ if TYPE_CHECKING:
 
 #: Projection switches that follow ``projection.mode`` when the config leaves them null.
 MODE_DEFAULTS: dict[str, dict[str, str]] = {
-    "faithful": {"basis": "concat", "target": "gradient", "eig": "svd"},
-    "clean": {"basis": "orthonormal", "target": "update", "eig": "eigh"},
+    "faithful": {"basis": "concat", "target": "gradient", "eig": "svd", "order": "reference"},
+    "clean": {"basis": "orthonormal", "target": "update", "eig": "eigh", "order": "composite"},
 }
+#: The reference builds the bases from one batch of this many images, whatever ``batch_size`` is.
+BASIS_BATCH = 128
 
 
 @dataclass
 class ProjectionPlan:
-    """Per tower and layer: the operator ``M_l`` and scalar factor, fixed for the whole task."""
+    """Per tower and layer, what the layer's adapter weight gradients pass through; fixed for a task.
 
+    Order ``reference``: ``pairs[tower][l]``, the ``(V_k, lambda[l][k])`` sequence of the
+    reference's loop. Order ``composite``: ``ops[tower][l]`` (``M_l``) and ``factors[tower][l]``
+    (``Π_k lambda[l][k]``). ``factors`` and ``lambdas`` are kept in both orders for diagnostics.
+    """
+
+    order: str = "reference"
+    target: str = "gradient"
+    pairs: dict[str, list[list[tuple[torch.Tensor, torch.Tensor]]]] = field(default_factory=dict)
     ops: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     factors: dict[str, list[float]] = field(default_factory=dict)
     lambdas: dict[str, torch.Tensor] = field(default_factory=dict)
-    target: str = "gradient"
 
     def _weights(self, model: nn.Module):
+        """``(down weight, up weight, tower, layer)`` of every projected adapter."""
         from ..adapters import adapters
 
-        for tower, ops in self.ops.items():
-            for adapter, op, f in zip(adapters(model, tower), ops, self.factors[tower], strict=True):
-                yield adapter.down.weight, adapter.up.weight, op, f
+        for tower in self.factors:
+            for layer, adapter in enumerate(adapters(model, tower)):
+                yield adapter.down.weight, adapter.up.weight, tower, layer
 
-    def apply(self, model: nn.Module) -> None:
-        """Gradient target: ``G ← G M λ`` (down), ``G ← M^T G λ`` (up), before the optimiser step."""
+    def project(
+        self, g: torch.Tensor, tower: str, layer: int, kind: str, scaled: bool = True
+    ) -> torch.Tensor:
+        """One weight's gradient (``kind`` down or up) through layer ``layer``'s operators; with
+        ``scaled`` False the coefficients are left out (the update target)."""
         from .. import nullspace as ns
 
-        for w_down, w_up, op, f in self._weights(model):
+        if self.order == "reference":
+            pairs = self.pairs[tower][layer]
+            if not scaled:
+                pairs = [(v, 1.0) for v, _ in pairs]
+            return ns.project_sequential(g, pairs, kind)
+        op, f = self.ops[tower][layer], self.factors[tower][layer] if scaled else 1.0
+        return ns.project_down(g, op, f) if kind == "down" else ns.project_up(g, op, f)
+
+    def apply(self, model: nn.Module) -> None:
+        """Gradient target: every projected adapter weight's gradient, before the optimiser step."""
+        for w_down, w_up, tower, layer in self._weights(model):
             if w_down.grad is not None:
-                w_down.grad = ns.project_down(w_down.grad, op, f)
+                w_down.grad = self.project(w_down.grad, tower, layer, "down")
             if w_up.grad is not None:
-                w_up.grad = ns.project_up(w_up.grad, op, f)
+                w_up.grad = self.project(w_up.grad, tower, layer, "up")
 
     def snapshot(self, model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return [(d.detach().clone(), u.detach().clone()) for d, u, _, _ in self._weights(model)]
@@ -64,12 +89,10 @@ class ProjectionPlan:
         the subspace); the coefficients are step-size factors here, so they are not applied."""
         import torch
 
-        from .. import nullspace as ns
-
         with torch.no_grad():
-            for (w_down, w_up, op, _), (d0, u0) in zip(self._weights(model), before, strict=True):
-                w_down.copy_(d0 + ns.project_down(w_down - d0, op, 1.0))
-                w_up.copy_(u0 + ns.project_up(w_up - u0, op, 1.0))
+            for (w_down, w_up, tower, layer), (d0, u0) in zip(self._weights(model), before, strict=True):
+                w_down.copy_(d0 + self.project(w_down - d0, tower, layer, "down", scaled=False))
+                w_up.copy_(u0 + self.project(w_up - u0, tower, layer, "up", scaled=False))
 
 
 def projected_towers(cfg: dict) -> list[str]:
@@ -87,7 +110,7 @@ def projected_towers(cfg: dict) -> list[str]:
 def build_plan(
     cfg: dict, bases: dict[str, list[torch.Tensor]], current: dict[str, list[torch.Tensor]]
 ) -> ProjectionPlan:
-    """Coefficients from the current batch's adapter outputs, then the composite operators.
+    """Coefficients from the current batch's adapter outputs, then the operators in the config's order.
 
     Args:
         cfg: resolved run config.
@@ -97,16 +120,19 @@ def build_plan(
     from .. import nullspace as ns
 
     proj = cfg["projection"]
-    plan = ProjectionPlan(target=proj["target"])
+    plan = ProjectionPlan(order=proj["order"], target=proj["target"])
     for tower, vs in bases.items():
         if proj["lambda"] == "fixed":
-            lam = ns.fixed_lambda(len(vs), cfg["LAMBDA_SCALE"])
+            lam = ns.fixed_lambda(len(vs), cfg["LAMBDA_SCALE"]).to(vs[0].device)
         else:
             u_top = [ns.top_directions(ns.gram(a), cfg["TOP_SELECT"], proj["eig"]) for a in current[tower]]
             lam = ns.dynamic_lambda(u_top, vs, cfg["TOP_K_RATIO"], cfg["LAMBDA_SCALE"])
         plan.lambdas[tower] = lam.cpu()
-        plan.ops[tower] = ns.composite_operators(vs, proj["layers"])
         plan.factors[tower] = ns.lambda_factors(lam, proj["layers"])
+        if proj["order"] == "reference":
+            plan.pairs[tower] = ns.layer_operators(vs, lam, proj["layers"])
+        else:
+            plan.ops[tower] = ns.composite_operators(vs, proj["layers"])
     return plan
 
 
@@ -131,6 +157,21 @@ def update_bases(
     return out
 
 
+def basis_columns(cfg: dict, task: int, width: int) -> tuple[int, int]:
+    """The fewest and most columns a layer's basis of ``width`` rows can have after task ``task``
+    (:func:`update_bases`): concat appends ``width - TOP_SELECT`` per task; orthonormal removes
+    ``TOP_SELECT`` per task from the ``width`` free directions, or, with an energy threshold, as many
+    as the threshold asks (any number)."""
+    proj, top = cfg["projection"], cfg["TOP_SELECT"]
+    if proj["basis"] == "concat":
+        n = (task + 1) * max(0, width - top)
+        return n, n
+    if proj["energy_threshold"] is not None:
+        return 0, width
+    n = max(0, width - (task + 1) * top)
+    return n, n
+
+
 def _record(model: nn.Module, towers: list[str], on: bool) -> None:
     from ..adapters import set_recording
 
@@ -145,8 +186,9 @@ def _outputs(model: nn.Module, towers: list[str]) -> dict[str, list[torch.Tensor
 
 
 def basis_statistics(ctx: TaskContext, towers: list[str]) -> dict[str, list[torch.Tensor]]:
-    """Adapter outputs of one shuffled batch of the task's images, no grad, dropout on (the
-    reference never switches to eval mode here); the text tower sees the task's prompts."""
+    """Adapter outputs of one shuffled batch of ``projection.basis_batch`` (128) of the task's
+    training images (train transform), no grad, dropout on (the reference never switches to eval
+    mode here) whatever ``batch_size`` is; the text tower sees the task's prompts."""
     import torch
 
     from ..loaders import derive_seed, make_loader
@@ -155,7 +197,7 @@ def basis_statistics(ctx: TaskContext, towers: list[str]) -> dict[str, list[torc
     cfg = ctx.cfg
     basis_loader = make_loader(
         ctx.train_set,
-        cfg["batch_size"],
+        cfg["projection"]["basis_batch"],
         shuffle=True,
         seed=derive_seed(cfg["seed"], ctx.task, "basis"),
         num_workers=0,
@@ -193,6 +235,7 @@ class DMNSP(Method):
         # much the solver's arbitrary null-space basis matters (config/README.md).
         "numerics-cpu": {"optimizer.numerics": "cpu"},
         "eig-eigh": {"projection.eig": "eigh"},
+        "order-composite": {"projection.order": "composite"},
     }
     # Clean mode projects AdamW's update, where the coefficients have no effect.
     variant_ignores = {"mode-clean": frozenset({"TOP_K_RATIO", "LAMBDA_SCALE"})}
@@ -203,9 +246,42 @@ class DMNSP(Method):
         defaults = {"towers": cls.default_towers, "layers": "multi", "lambda": "dynamic"}
         defaults.update(MODE_DEFAULTS[proj["mode"]])
         parts = [f"{key}={proj[key]}" for key in defaults if proj[key] != defaults[key]]
+        if proj["basis_batch"] != BASIS_BATCH:
+            parts.append(f"basis_batch={proj['basis_batch']}")
         if proj["energy_threshold"] is not None:
             parts.append(f"energy={proj['energy_threshold']:g}")
         return parts
+
+    @classmethod
+    def state_mismatch(
+        cls, cfg: dict[str, Any], task: int, state: MethodState, widths: dict[str, list[int]]
+    ) -> str | None:
+        """The bases after task ``task``: one per layer of the visual tower (and of the text tower when
+        it is projected), ``width`` rows, finite float32, with the columns :func:`update_bases` leaves."""
+        import torch
+
+        towers = [t for t in ("visual", "text") if t == "visual" or t in projected_towers(cfg)]
+        if task < 0:
+            towers = []
+        if sorted(state) != sorted(towers):
+            return f"bases of the towers {sorted(state)}, expected {towers} after task {task}"
+        for tower in towers:
+            vs, layers = state[tower], widths.get(tower, [])
+            if len(vs) != len(layers):
+                return f"{len(vs)} {tower} bases for {len(layers)} layers"
+            for layer, (v, width) in enumerate(zip(vs, layers, strict=True)):
+                if v.dim() != 2 or v.shape[0] != width:
+                    return f"{tower} basis {layer} has {v.shape[0]} rows, the adapter's width is {width}"
+                low, high = basis_columns(cfg, task, width)
+                if not low <= v.shape[1] <= high:
+                    want = low if low == high else f"{low} to {high}"
+                    return (
+                        f"{tower} basis {layer} has {v.shape[1]} columns; after task {task} "
+                        f"{cfg['projection']['basis']} bases of width {width} have {want}"
+                    )
+                if v.dtype != torch.float32 or not bool(torch.isfinite(v).all()):
+                    return f"{tower} basis {layer} is not finite float32"
+        return None
 
     def start_task(self, ctx: TaskContext) -> None:
         self.seconds = {"lambda": 0.0, "basis": 0.0}

@@ -92,15 +92,16 @@ class LwF(Method):
     def extra_loss(self, ctx: TaskContext, images: torch.Tensor, image_features: torch.Tensor):
         import torch
 
-        from ..model import clip_logits, encode_image, encode_text
+        from ..model import clip_logits, encode_image, encode_text, logit_scale
 
         if self.frozen is None:
             return None
+        scale = logit_scale(ctx.model, ctx.cfg["logit_scale"])
         autocast = torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=ctx.amp)
         with torch.no_grad(), swapped_adapters(ctx.model, self.frozen), autocast:
-            old = clip_logits(encode_image(ctx.model, images), self.old_text)
+            old = clip_logits(encode_image(ctx.model, images), self.old_text, scale)
         with autocast:
-            new = clip_logits(image_features, encode_text(ctx.model, self.old_tokens))
+            new = clip_logits(image_features, encode_text(ctx.model, self.old_tokens), scale)
         lwf = ctx.cfg["lwf"]
         term = distillation_loss(new.float(), old.float(), lwf["temperature"])
         self.terms.append(float(term.detach()))

@@ -167,17 +167,22 @@ class MoEAdapters(Method):
         }
 
     def evaluator(
-        self, model: nn.Module, tokens: torch.Tensor, state: MethodState, cfg: dict[str, Any]
+        self,
+        model: nn.Module,
+        tokens: torch.Tensor,
+        state: MethodState,
+        cfg: dict[str, Any],
+        scale: torch.Tensor,
     ) -> Logits:
         from ..model import clip_logits, encode_image, encode_text
 
         if not any(m.eval_noise and m.noisy_gating for m in moe_modules(model, "text")):
-            return super().evaluator(model, tokens, state, cfg)
+            return super().evaluator(model, tokens, state, cfg, scale)
 
         # The official evaluation encodes the prompts with every batch: fresh text-gate noise each time.
         def logits(images: torch.Tensor) -> torch.Tensor:
             image_features = encode_image(model, images)
-            return clip_logits(image_features, encode_text(model, tokens))
+            return clip_logits(image_features, encode_text(model, tokens), scale)
 
         return logits
 

@@ -330,20 +330,36 @@ class RAPF(Method):
             for block in tower_blocks(model, tower):
                 block.adapter = no_adapter()
 
-    def state_mismatch(self, model: nn.Module, adapters: dict, state: MethodState) -> str | None:
-        from ..adapters import state_mismatch
+    @classmethod
+    def state_mismatch(
+        cls, cfg: dict[str, Any], task: int, state: MethodState, widths: dict[str, list[int]]
+    ) -> str | None:
+        """After task ``task``: one map ``W`` (d x d), the class means (C x d) and one covariance
+        (d x d) per class, all finite float32, for the ``C = initial_increment + task * increment``
+        classes seen and the architecture's embedding width d; nothing before task 0. (``widths``,
+        the adapters', are not RAPF's: it trains no adapters.)"""
+        import torch
 
-        why = state_mismatch(model, adapters)
-        if why is not None or not state:
-            return why
-        dim = model.visual.output_dim
+        from ..config import embed_dim
+
+        if task < 0:
+            held = any(len(v) for v in state.values())
+            return f"RAPF state before task 0 holds {sorted(state)}" if held else None
         if set(state) != {MAP, MEANS, COVS} or len(state[MAP]) != 1 or len(state[MEANS]) != 1:
             return f"RAPF state holds {sorted(state)}, expected one {MAP}, one {MEANS} and the {COVS} list"
         w, means, covs = state[MAP][0], state[MEANS][0], state[COVS]
-        if tuple(w.shape) != (dim, dim) or means.shape[1:] != (dim,):
-            return f"RAPF map {list(w.shape)} / means {list(means.shape)} do not fit embedding width {dim}"
-        if len(covs) != len(means) or any(tuple(c.shape) != (dim, dim) for c in covs):
-            return f"RAPF keeps {len(means)} class means but {len(covs)} covariances (each {dim} x {dim})"
+        dim = embed_dim(cfg["model_name"]) or w.shape[0]
+        n_classes = cfg["initial_increment"] + task * cfg["increment"]
+        if tuple(w.shape) != (dim, dim) or tuple(means.shape) != (n_classes, dim):
+            return (
+                f"RAPF map {list(w.shape)} / means {list(means.shape)} after task {task} are not "
+                f"{dim} x {dim} / {n_classes} x {dim} (embedding width {dim}, {n_classes} classes seen)"
+            )
+        if len(covs) != n_classes or any(tuple(c.shape) != (dim, dim) for c in covs):
+            return f"RAPF keeps {len(covs)} covariances for {n_classes} classes seen (each {dim} x {dim})"
+        for name, t in ((MAP, w), (MEANS, means), *((f"{COVS} {c}", v) for c, v in enumerate(covs))):
+            if t.dtype != torch.float32 or not bool(torch.isfinite(t).all()):
+                return f"RAPF {name} is not finite float32"
         return None
 
     # ------------------------------------------------------------------ training
@@ -411,7 +427,7 @@ class RAPF(Method):
         import torch
         import torch.nn.functional as F
 
-        from ..model import clip_logits
+        from ..model import clip_logits, logit_scale
 
         batch = ctx.step % ctx.n_batches
         if self.n_old and batch == 0:  # each epoch replays the old classes in a new order
@@ -430,7 +446,9 @@ class RAPF(Method):
         z = head(self.w, torch.cat(rows), self.half)
         z_edge, z = z[len(z) - n_edge :], z[: len(z) - n_edge]
         target = torch.cat(targets)
-        loss = F.cross_entropy(clip_logits(z, self.text), target)
+        # The float32 scale times half features gives half logits, as the reference's fp16 run computes.
+        scale = logit_scale(ctx.model, ctx.cfg["logit_scale"])
+        loss = F.cross_entropy(clip_logits(z, self.text, scale), target)
         self.rows = {"ce_rows": len(target), "real_rows": len(labels), "edge_rows": n_edge}
         if n_edge:
             positive = self.pairs[:, 0].repeat_interleave(self.n_edge)
@@ -507,14 +525,19 @@ class RAPF(Method):
 
     # ------------------------------------------------------------------ evaluation
     def evaluator(
-        self, model: nn.Module, tokens: torch.Tensor, state: MethodState, cfg: dict[str, Any]
+        self,
+        model: nn.Module,
+        tokens: torch.Tensor,
+        state: MethodState,
+        cfg: dict[str, Any],
+        scale: torch.Tensor,
     ) -> Logits:
         from ..model import clip_logits
 
         half = cfg["rapf"]["precision"] == "fp16"
         w = state[MAP][0]
         text, _ = prompt_features(model.encode_text(tokens), half)
-        return lambda images: clip_logits(head(w, frozen_features(model, images, half), half), text)
+        return lambda images: clip_logits(head(w, frozen_features(model, images, half), half), text, scale)
 
 
 def epoch_rates(lr: float, milestones: Sequence[int], epochs: int) -> list[float]:

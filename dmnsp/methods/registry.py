@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .base import NUMERICS_BY_MODE, TRAINING_KEYS, Method
+from .base import LOGIT_SCALE_BY_MODE, NUMERICS_BY_MODE, TRAINING_KEYS, Method
 
 _REGISTRY: dict[str, type[Method]] = {}
 
@@ -108,6 +108,9 @@ def run_label(cfg: Mapping[str, Any], searched: bool = False) -> str:
     numerics = (cfg.get("optimizer") or {}).get("numerics")
     if cls.trains and numerics not in (None, NUMERICS_BY_MODE.get(mode)):
         parts.append(f"numerics={numerics}")
+    scale = cfg.get("logit_scale")
+    if cls.trains and scale not in (None, LOGIT_SCALE_BY_MODE.get(mode)):
+        parts.append(f"logit_scale={scale if isinstance(scale, str) else format(scale, 'g')}")
     if searched:
         parts.append("searched")
     base = cls.label or cls.name

@@ -184,14 +184,24 @@ def _make_folder(folder: Path, shown: str) -> None:
 
 
 def _check_journal(path: Path) -> None:
+    if path.is_symlink():  # a planted link would have every worker append trials to its target
+        raise SearchError(
+            f"search.storage {path} is a symbolic link; give the journal file's own path (dmnsp never "
+            "writes a journal through a link)"
+        )
     if path.is_dir():
         raise SearchError(
             f"search.storage {path} is a folder; give the journal file's path, e.g. {path / 'study.journal'}"
         )
+    if path.exists() and not path.is_file():  # opening a FIFO would block every worker forever
+        raise SearchError(
+            f"search.storage {path} is not a regular file (a FIFO, socket or device); give the path of "
+            "a journal file (created when missing)"
+        )
     _make_folder(path.parent, str(path))
     try:
-        with path.open("ab"):
-            pass
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
+        os.close(os.open(path, flags, 0o666))
     except OSError as exc:
         raise SearchError(
             f"search.storage {path}: cannot write the journal ({exc.strerror}); choose a writable path"

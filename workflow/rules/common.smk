@@ -9,7 +9,7 @@ from functools import cache
 from snakemake.exceptions import WorkflowError
 
 from dmnsp import layout
-from dmnsp.config import ConfigError, read_yaml_file
+from dmnsp.config import ConfigError
 from dmnsp.experiments import (
     chunk_rules,
     chunk_spans,
@@ -20,10 +20,7 @@ from dmnsp.experiments import (
 )
 
 try:
-    # Snakemake parses the config files itself and keeps the last of a key written twice: read
-    # them again with dmnsp's reader, which refuses that (and non-UTF-8 text), naming the key.
-    for _configfile in workflow.configfiles:
-        read_yaml_file(_configfile, "workflow config")
+    # The config files were read again with dmnsp's reader in the Snakefile (check_config).
     PLAN = expand_all(config)
     # tasks_per_job > 1: one training rule per chunk position (train_tasks_<first>_<last>).
     CHUNK_RULES = chunk_rules(PLAN)

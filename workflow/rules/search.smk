@@ -49,7 +49,9 @@ rule search_create_study:
         mem_mb=1000,
         runtime=10,
     params:
-        spec=cli_json(SEARCH.spec),
+        # A function: a params string is a wildcard pattern, and `${PGPASSWORD}` in search.storage
+        # would be read as a wildcard. The job expands the variable (dmnsp.search.storage).
+        spec=lambda wildcards: cli_json(SEARCH.spec),
     shell:
         "python -m dmnsp search-create --spec-json {params.spec} --out-spec {output.spec} --out {output.study}"
         " > {log} 2>&1"
