@@ -335,3 +335,23 @@ def test_faithful_run_in_half_precision_reports_its_odd_behaviours(fake_data):
     assert s0.bases[MAP][0].dtype == torch.float32 and s0.bases[COVS][0].dtype == torch.float32
     # The random init: task 0 does not start at the identity.
     assert not torch.allclose(s0.bases[MAP][0], torch.eye(64), atol=0.05)
+
+
+def test_the_state_contract_names_every_way_a_crafted_state_differs(two_tasks):
+    """The classmethod contract (checked before a checkpoint's state is used, without the model):
+    the map, means and covariances RAPF writes after each task fit it; each of them off in shape,
+    class count, dtype or finiteness does not."""
+    session, s0, s1, _, _ = two_tasks
+    cfg, contract = session.cfg, methods.get("rapf").state_mismatch
+    widths = {"visual": [64] * 12, "text": [64] * 12}
+    assert contract(cfg, 0, s0.bases, widths) is None and contract(cfg, 1, s1.bases, widths) is None
+    assert contract(cfg, -1, {}, widths) is None
+    assert "before task 0" in contract(cfg, -1, s0.bases, widths)
+    assert "expected one rapf_map" in contract(cfg, 0, {}, widths)
+    assert "2 classes seen" in contract(cfg, 0, {**s1.bases}, widths)  # the state of task 1 at task 0
+    small = {MAP: [torch.eye(32)], MEANS: [torch.zeros(2, 32)], COVS: [torch.eye(32)] * 2}
+    assert "embedding width 64" in contract(cfg, 0, small, widths)  # self-consistent, not the model's
+    nan = {**s0.bases, COVS: [s0.bases[COVS][0], s0.bases[COVS][1] * float("nan")]}
+    assert "rapf_cov 1 is not finite float32" in contract(cfg, 0, nan, widths)
+    half = {**s0.bases, MAP: [s0.bases[MAP][0].half()]}
+    assert "rapf_map is not finite float32" in contract(cfg, 0, half, widths)
