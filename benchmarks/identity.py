@@ -44,8 +44,9 @@ RUN = {
     "threads": 1,
     "num_workers": 0,
 }
-#: Fields that measure the machine, not the computation.
-VOLATILE = {"seconds", "peak_mem_mb", "run_seconds"}
+#: Fields that measure the machine, not the computation, and the config hash ``eval.json`` records
+#: (it changes whenever the run schema gains a key, as the checkpoint's does).
+VOLATILE = {"seconds", "peak_mem_mb", "run_seconds", "config_hash"}
 
 
 def _strip(value):
