@@ -102,10 +102,10 @@ def function_checks(models_mod, dim: int = 64, seed: int = 0) -> dict[str, float
 def run_official(
     root: Path, ours, cfg: dict, patches: Patches, log: Path, round_inputs: bool = False
 ) -> tuple[list[dict], dict]:
-    from dmnsp.methods.rapf import initial_map
     from omegaconf import OmegaConf
 
     from dmnsp.loaders import derive_seed
+    from dmnsp.methods.rapf import initial_map
 
     mods = import_official(root, ["continual_clip.models", "continual_clip.utils", "clip"])
     models, main, clip_mod = mods["continual_clip.models"], mods["main"], mods["clip"]

@@ -120,8 +120,9 @@ class AdapterMismatchError(ValueError):
 
 
 def adapter_widths(model: nn.Module) -> dict[str, list[int]]:
-    """Per tower, the output width of each layer's adapter (the residual stream it adds to)."""
-    return {tower: [a.up.weight.shape[0] for a in adapters(model, tower)] for tower in TOWERS}
+    """Per tower, the output width of each layer's adapter: the residual stream it adds to (read from
+    the block, so a method's own adapter module, MoE's mixture or RAPF's empty slot, has one too)."""
+    return {tower: [b.block.ln_2.normalized_shape[0] for b in tower_blocks(model, tower)] for tower in TOWERS}
 
 
 def state_mismatch(model: nn.Module, state: dict[str, torch.Tensor]) -> str | None:

@@ -201,7 +201,7 @@ def cmd_evaluate(args) -> int:
     session = Session(cfg, progress=not args.quiet)
     check_state_fits(session.model, state, args.checkpoint, cfg)
     load_adapter_state_dict(session.model, state.adapters)
-    row = session.evaluate(state.task)
+    row = session.evaluate(state.task, session.method_state(state))
     if args.out:
         atomic_write_json(args.out, row)
     print(json.dumps({k: row[k] for k in ("task", "accuracy", "accuracy_per_task")}))

@@ -230,8 +230,30 @@ def validate(cfg: Mapping[str, Any] | None) -> dict:
     )
     if errors:
         raise ConfigError("invalid run configuration: " + _describe(errors[0]))
-    out = _fill_defaults(dict(cfg), schema)
+    out = _fill_defaults(_with_method_defaults(cfg, schema), schema)
     return _resolve(out)
+
+
+def _with_method_defaults(cfg: Mapping[str, Any], schema: Mapping) -> dict:
+    """The method's own defaults for the config's dataset and split (:func:`dmnsp.methods.defaults_for`,
+    the official settings) for the keys the config leaves unset; the schema's defaults fill the rest."""
+    props = schema["properties"]
+
+    def given(key: str) -> Any:
+        return cfg.get(key, props[key].get("default"))
+
+    split = f"{given('initial_increment')}-{given('increment')}"
+    out = copy.deepcopy(dict(cfg))
+    for key, value in methods.defaults_for(given("method"), given("dataset"), split).items():
+        node: Any = out
+        for part in key.split("."):
+            node = node.get(part, _UNSET) if isinstance(node, Mapping) else _UNSET
+        if node is _UNSET:
+            set_dotted(out, key, copy.deepcopy(value))
+    return out
+
+
+_UNSET = object()
 
 
 def _check_keys_and_numbers(cfg: Mapping, schema: Mapping, prefix: str = "") -> None:
@@ -321,6 +343,7 @@ def _resolve(cfg: dict) -> dict:
     if cfg["val_fraction"] == 0 and cfg["evaluate_on"] == "val":
         raise ConfigError("'evaluate_on': val needs val_fraction > 0")
     _check_widths(cfg)
+    method.resolve(cfg)
     return cfg
 
 
@@ -383,10 +406,9 @@ def check_model_name(model_name: str) -> None:
 
 
 @cache
-def tower_widths(model_name: str) -> dict[str, int]:
-    """Residual-stream widths of an open_clip architecture's towers (``{"visual": 768, "text": 512}``),
-    read from its JSON config (the package's own or open_clip's) without importing or building
-    anything; empty when the architecture is not found that way or gives no width."""
+def architecture(model_name: str) -> dict:
+    """An open_clip architecture's JSON config (the package's own or open_clip's), read without
+    importing or building anything; empty when the architecture is not found that way."""
     check_model_name(model_name)
     for folder in architecture_folders():
         path = folder / f"{model_name}.json"
@@ -398,26 +420,40 @@ def tower_widths(model_name: str) -> dict[str, int]:
                     f"architecture config {path} of {model_name} is damaged ({exc}); reinstall the package "
                     "that holds it"
                 ) from None
-            if not isinstance(arch, dict):
-                return {}
-            cfgs = {"visual": arch.get("vision_cfg"), "text": arch.get("text_cfg")}
-            # Only transformer towers (an int layer count; ResNets list stages) carry adapters.
-            return {
-                tower: int(c["width"])
-                for tower, c in cfgs.items()
-                if isinstance(c, dict) and type(c.get("width")) is int and type(c.get("layers")) is int
-            }
+            return arch if isinstance(arch, dict) else {}
     return {}
 
 
+@cache
+def tower_widths(model_name: str) -> dict[str, int]:
+    """Residual-stream widths of an open_clip architecture's towers (``{"visual": 768, "text": 512}``),
+    from :func:`architecture`; empty when the architecture is not found that way or gives no width."""
+    arch = architecture(model_name)
+    cfgs = {"visual": arch.get("vision_cfg"), "text": arch.get("text_cfg")}
+    # Only transformer towers (an int layer count; ResNets list stages) carry adapters.
+    return {
+        tower: int(c["width"])
+        for tower, c in cfgs.items()
+        if isinstance(c, dict) and type(c.get("width")) is int and type(c.get("layers")) is int
+    }
+
+
+def embed_dim(model_name: str) -> int | None:
+    """The width of an architecture's joint image-text embedding (``encode_image``'s output), from
+    :func:`architecture`; None when it does not say."""
+    value = architecture(model_name).get("embed_dim")
+    return value if type(value) is int else None
+
+
 def _check_widths(cfg: dict) -> None:
-    """Settings bounded by the model's width: the adapter bottleneck fits inside each tower, and
-    TOP_SELECT leaves null-space directions in every tower whose bases dmnsp builds."""
+    """Settings bounded by the model's width: the adapter bottleneck (of every expert, MoE's) fits
+    inside each tower, unless the method has no adapters (RAPF ignores adapter_dim), and TOP_SELECT
+    leaves null-space directions in every tower whose bases dmnsp builds."""
     widths = tower_widths(cfg["model_name"])
     if not widths:
         return
     tower, width = min(widths.items(), key=lambda item: item[1])
-    if cfg["adapter_dim"] > width:
+    if cfg["adapter_dim"] > width and "adapter_dim" not in methods.get(cfg["method"]).ignores:
         raise ConfigError(
             f"'adapter_dim': {cfg['adapter_dim']} is wider than {cfg['model_name']}'s {tower} tower "
             f"({width}); a bottleneck is at most the width: set adapter_dim to {width} or less"

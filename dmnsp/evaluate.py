@@ -1,4 +1,5 @@
-"""Evaluation after a task: test images of all seen classes against prompts of all seen classes."""
+"""Evaluation after a task: test images of all seen classes against prompts of all seen classes,
+logits as the method forms them (:meth:`dmnsp.methods.Method.evaluator`; CLIP's by default)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ from torch import nn
 from torch.utils.data import ConcatDataset, Dataset
 from tqdm.auto import tqdm
 
+from . import methods
 from .loaders import make_loader
-from .model import clip_logits, encode_image, encode_text, logit_scale, tokenize_prompts
+from .methods import Method, MethodState
+from .model import logit_scale, tokenize_prompts
 
 
 @torch.no_grad()
@@ -28,21 +31,29 @@ def predict(
     amp: bool = False,
     progress: bool = True,
     scale: str | float = "checkpoint",
+    method: Method | None = None,
+    state: MethodState | None = None,
+    cfg: dict | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Argmax predictions and labels over ``dataset`` (labels are positions in ``class_names``);
-    ``scale``: the logit scale (run key ``logit_scale``, resolved)."""
+    ``scale``: the logit scale (run key ``logit_scale``, resolved).
+
+    ``method`` forms the logits from its ``state``, the run config ``cfg`` and the logit scale (None:
+    CLIP's logits).
+    """
     model.eval()
     factor = logit_scale(model, scale)
     tokens = tokenize_prompts(tokenizer, class_names, template).to(device)
+    method = method if method is not None else Method()
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-        text = encode_text(model, tokens)
+        logits_of = method.evaluator(model, tokens, state or {}, cfg or {}, factor)
     loader = make_loader(
         dataset, batch_size, shuffle=False, seed=seed, num_workers=num_workers, device=device
     )
     preds, labels = [], []
     for images, y in tqdm(loader, desc="evaluate", disable=not progress, leave=False):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            logits = clip_logits(encode_image(model, images.to(device)), text, factor)
+            logits = logits_of(images.to(device))
         preds.append(logits.float().argmax(-1).cpu().numpy())
         labels.append(y.numpy())
     return np.concatenate(preds), np.concatenate(labels)
@@ -69,12 +80,14 @@ def evaluate_seen(
     seed: int,
     num_workers: int = 0,
     progress: bool = True,
+    state: MethodState | None = None,
 ) -> dict:
     """Accuracy row after training ``task``: R[task][j] for j <= task and the sample-weighted A_task.
 
     Args:
         task_sets: held-out data of tasks 0..task (labels = class-order positions).
         class_names: names of all seen classes, by position.
+        state: the method's state after ``task`` (what its evaluation head reads), on ``device``.
     """
     t0 = time.perf_counter()
     torch.manual_seed(seed)  # the faithful eval transform is a random crop: make it reproducible
@@ -92,6 +105,9 @@ def evaluate_seen(
         cfg["precision"] == "amp_bf16",
         progress,
         cfg["logit_scale"],
+        methods.get(cfg["method"])(),
+        state,
+        cfg,
     )
     correct = preds == labels
     bounds = np.cumsum([0] + sizes)

@@ -73,7 +73,7 @@ PRETRAIN_PREFIX = "pretrain."
 # Resource table: rows apply in order, a later matching row overrides earlier ones.
 RESOURCE_KEYS = ("mem_mb", "runtime", "threads", "gpu")
 DEFAULT_RESOURCES = {"mem_mb": 2000, "runtime": 60, "threads": 1, "gpu": 0}
-SELECTOR_KEYS = ("rule", "dataset", "model_name")
+SELECTOR_KEYS = ("rule", "dataset", "model_name", "method")
 
 _SPLIT_RE = re.compile(r"([0-9]{1,6})-([0-9]{1,6})")  # fullmatch: "10-10\n" is not a split
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+-]")
@@ -337,22 +337,24 @@ def resources_for(
     rule: str,
     dataset: str | None = None,
     model_name: str | None = None,
+    method: str | None = None,
 ) -> dict:
     """Resources of one job from the config's resource table.
 
     Args:
-        table: rows with optional selectors ``rule``, ``dataset``, ``model_name`` (a value or a
-            list of values) and any of ``mem_mb``, ``runtime`` (minutes), ``threads``, ``gpu``.
-            Every matching row applies in order, so later rows override earlier ones.
+        table: rows with optional selectors ``rule``, ``dataset``, ``model_name``, ``method`` (a
+            value or a list of values) and any of ``mem_mb``, ``runtime`` (minutes), ``threads``,
+            ``gpu``. Every matching row applies in order, so later rows override earlier ones.
         rule: the rule name.
         dataset: the job's dataset, if any.
         model_name: the job's model, if any.
+        method: the job's method (a run's jobs; a row naming a method never matches other jobs).
 
     Returns:
         ``{"mem_mb", "runtime", "threads", "gpu"}`` with the defaults filled in.
     """
     out = dict(DEFAULT_RESOURCES)
-    wanted = {"rule": rule, "dataset": dataset, "model_name": model_name}
+    wanted = {"rule": rule, "dataset": dataset, "model_name": model_name, "method": method}
     for row in table or ():
         unknown = set(row) - set(SELECTOR_KEYS) - set(RESOURCE_KEYS)
         if unknown:

@@ -53,8 +53,15 @@ UNREAD_KEYS: dict[str, tuple] = {"we": (), "avg_freq": (), "ref_dataset": (), "r
 # Reference settings that dmnsp supports only at one value.
 REQUIRED_VALUES = {"scenario": ("class",), "l2": (0, 0.0), "ce_method": (0, 0.0)}
 
-# Every registered method by its name, plus the reference code's other spellings.
-METHODS = {**{name: name for name in methods.names()}, "zero_shot": "zeroshot"}
+# Every registered method by its name, plus the reference codes' other spellings (MoE-Adapters4CL's
+# configs say "MoE-Adapters"; RAPF's configs name no method, so they do not import).
+METHODS = {
+    **{name: name for name in methods.names()},
+    "zero_shot": "zeroshot",
+    "moe-adapters": "moe_adapters",
+    "moe_adapters4cl": "moe_adapters",
+    "moe-adapters4cl": "moe_adapters",
+}
 DATASETS = {
     "cifar100": "cifar100",
     "tinyimagenet": "tinyimagenet",

@@ -35,12 +35,9 @@ __all__ = [
     "plot_diagnostics",
 ]
 
-#: Fixed colours: each registered method's own, and published methods the harness does not run.
-#: Other labels (ablations) get a stable hash colour from the palette's remaining hues.
-METHOD_COLORS = {
-    **{name: methods.get(name).color for name in methods.names()},
-    "moe_adapters": "#2ca02c",
-}
+#: Fixed colours: each registered method's own (published methods the harness does not run would
+#: join here). Other labels (ablations) get a stable hash colour from the palette's remaining hues.
+METHOD_COLORS = {name: methods.get(name).color for name in methods.names()}
 _EXTRA_COLORS = tuple(
     color
     for color in (
@@ -65,16 +62,35 @@ _LINESTYLES = ("-", "-.", ":", (0, (5, 1, 1, 1)))
 _MARKERS = ("o", "s", "^", "D", "v")
 
 
+#: Variants of a registered method (``rapf (precision=fp32)``, ``dmnsp (mode=clean)``) take a shade
+#: of the method's colour: each step mixes it with white (> 0) or black (< 0) by that fraction.
+_SHADES = (0.45, -0.35, 0.7, -0.55, 0.25)
+
+
+def _shade(color: str, amount: float) -> str:
+    rgb = np.array([int(color[i : i + 2], 16) for i in (1, 3, 5)], dtype=float)
+    target = 255.0 if amount > 0 else 0.0
+    mixed = np.rint(rgb + (target - rgb) * abs(amount)).astype(int)
+    return "#" + "".join(f"{v:02x}" for v in mixed)
+
+
 def method_color(label: str) -> str:
-    """The colour of a method label: fixed for known methods, stable (CRC32-hashed) for ablations.
+    """The colour of a method label: fixed for known methods, a shade of the method's colour for its
+    variants, stable (CRC32-hashed) for every other label.
 
     ``"dmnsp (reported)"`` and ``"dmnsp [TOP_K_RATIO=0.2]"`` (a swept setting) share ``dmnsp``'s
-    colour; figures tell such variants apart by line style.
+    colour; a run label with switches, ``"dmnsp (mode=clean)"`` or ``"rapf (precision=fp32)"``, takes
+    one of a few shades of its method's colour picked by the label's hash, so variants of two methods
+    never share a colour; figures tell variants of one colour apart by line style.
     """
     base = re.sub(r" \[.*\]$", "", str(label).removesuffix(" (reported)"))
     if base in METHOD_COLORS:
         return METHOD_COLORS[base]
-    return _EXTRA_COLORS[zlib.crc32(base.encode()) % len(_EXTRA_COLORS)]
+    key = zlib.crc32(base.encode())
+    method = base.split(" (", 1)[0]
+    if method in METHOD_COLORS and base.endswith(")"):
+        return _shade(METHOD_COLORS[method], _SHADES[key % len(_SHADES)])
+    return _EXTRA_COLORS[key % len(_EXTRA_COLORS)]
 
 
 # --------------------------------------------------------------------------- helpers

@@ -23,6 +23,7 @@ from .devices import available_cores, check_workers, pick_device, set_threads
 from .evaluate import evaluate_seen
 from .layout import task_dir, write_task_outputs
 from .loaders import derive_seed
+from .methods import MethodState
 from .model import create_clip, tokenize_prompts
 from .scenario import TaskDataset, build_scenario
 from .train import peak_memory_mb, train_task
@@ -64,6 +65,9 @@ class Session:
             adapter_scale=cfg["adapter_scale"],
             adapter_dropout=cfg["adapter_dropout"],
         )
+        # The method changes the model (MoE's experts) before anything reads its parameters.
+        self.method = methods.get(cfg["method"])()
+        self.method.prepare_model(self.bundle.model, cfg)
         self.initial_adapters = adapter_state_dict(self.bundle.model)
         # Data after the model, so missing weights fail before the (slower) data load.
         self.data = (
@@ -90,8 +94,13 @@ class Session:
             return TaskDataset(self.data.train, sc.val_indices[t], sc.label_map, tf)
         return TaskDataset(self.data.test, sc.test_indices[t], sc.label_map, tf)
 
-    def evaluate(self, t: int) -> dict:
-        """Accuracy row of the current model after task ``t`` on the held-out data of tasks 0..t."""
+    def method_state(self, state: TaskState) -> MethodState:
+        """The method's state of a checkpoint (the ``bases`` field), on the run's device."""
+        return {k: [v.to(self.device) for v in vs] for k, vs in state.bases.items()}
+
+    def evaluate(self, t: int, state: MethodState | None = None) -> dict:
+        """Accuracy row of the current model after task ``t`` on the held-out data of tasks 0..t,
+        with the method's state after task ``t`` (what its evaluation head reads)."""
         sc, cfg = self.scenario, self.cfg
         return evaluate_seen(
             self.model,
@@ -105,6 +114,7 @@ class Session:
             derive_seed(cfg["seed"], t, "eval"),
             self.num_workers,
             self.progress,
+            state,
         )
 
     def class_names(self, t: int) -> list[str]:
@@ -117,7 +127,12 @@ class Session:
         local = {
             orig: i for i, orig in enumerate(sc.tasks[t])
         }  # task-local targets, as the reference shifts them
-        return TaskDataset(self.data.train, sc.train_indices[t], local, self.bundle.train_transform)
+        tf = (
+            self.bundle.eval_transform
+            if self.method.train_transform == "eval"
+            else self.bundle.train_transform
+        )
+        return TaskDataset(self.data.train, sc.train_indices[t], local, tf)
 
     def run_task(self, t: int, state: TaskState) -> tuple[TaskState, dict, dict]:
         """Train task ``t`` from ``state`` (the state after task t-1), then evaluate.
@@ -134,7 +149,7 @@ class Session:
         cfg, sc = self.cfg, self.scenario
         load_adapter_state_dict(self.model, state.adapters if t > 0 else self.initial_adapters)
         # The method's state (DMNSP: per-layer bases) travels in the checkpoint's `bases` field.
-        method_state = {k: [v.to(self.device) for v in vs] for k, vs in state.bases.items()}
+        method_state = self.method_state(state)
         method_state, diag = train_task(
             self.model,
             self.bundle.tokenizer,
@@ -148,7 +163,7 @@ class Session:
             self.progress,
             previous_class_names=[name for j in range(t) for name in self.class_names(j)],
         )
-        row = self.evaluate(t)
+        row = self.evaluate(t, method_state)
         diag["seconds"]["eval"] = row["seconds"]
         diag["peak_mem_mb"] = row["peak_mem_mb"] = peak_memory_mb(self.device)
         new_state = TaskState(t, adapter_state_dict(self.model), method_state, sc.seen_classes(t))

@@ -1,6 +1,8 @@
-"""Training one task, the loop every method shares: AdamW with the reference's warm-up/cosine schedule,
-the cross-entropy on the current task's prompts, and the method's hooks (:mod:`dmnsp.methods`:
-DMNSP's projection and bases, LwF's distillation, ...) around it (method.md section 3)."""
+"""Training one task, the loop every method shares: by default AdamW with the reference's
+warm-up/cosine schedule and the cross-entropy on the current task's prompts (method.md section 3),
+with the method's hooks (:mod:`dmnsp.methods`: DMNSP's projection and bases, LwF's distillation,
+...) around them; a method may bring its own parameters, optimiser, schedule and loss
+(:class:`dmnsp.methods.Method`)."""
 
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from .adapters import adapters
 from .loaders import cycle, derive_seed, make_loader
 from .methods import Method, MethodState, TaskContext
 from .model import clip_logits, encode_image, encode_text, logit_scale, tokenize_prompts
-from .optim import describe, make_optimizer
+from .optim import describe
 
 __all__ = ["NonFiniteError", "derive_seed", "lr_at", "inf_fraction", "peak_memory_mb", "train_task"]
 
@@ -36,8 +38,11 @@ def lr_at(step: int, total: int, base_lr: float, warmup: int = 30) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / span)) * base_lr
 
 
-def _check_finite_params(model: nn.Module, task: int, step: int) -> None:
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+def _check_finite_params(
+    model: nn.Module, task: int, step: int, own: list[tuple[str, nn.Parameter]] = ()
+) -> None:
+    """``own``: parameters the method trains outside the model, named."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad] + list(own)
     ok = torch.stack([torch.isfinite(p).all() for _, p in named])
     if not bool(ok.all()):
         bad = [n for (n, _), good in zip(named, ok.tolist(), strict=True) if not good]
@@ -85,6 +90,8 @@ def _update_norms(towers: dict[str, list[nn.Parameter]], before: dict[str, list[
         name: float(
             torch.sqrt(sum(((p.detach() - b) ** 2).sum() for p, b in zip(ps, before[name], strict=True)))
         )
+        if ps
+        else 0.0  # a method without adapters (RAPF)
         for name, ps in towers.items()
     }
 
@@ -102,19 +109,27 @@ def _untrained_diagnostics(task: int) -> dict:
 
 
 def _step(
-    ctx: TaskContext, method: Method, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels
+    ctx: TaskContext,
+    method: Method,
+    optimizer: torch.optim.Optimizer,
+    images: torch.Tensor,
+    labels,
+    own: list[tuple[str, nn.Parameter]],
 ) -> float:
-    """One optimiser step: forward, cross-entropy (+ the method's term), backward, hooks, step."""
+    """One optimiser step: forward, cross-entropy (+ the method's term) or the method's own loss,
+    backward, hooks, step."""
     model, cfg = ctx.model, ctx.cfg
-    with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=ctx.amp):
-        image_features = encode_image(model, images)
-        logits = clip_logits(
-            image_features, encode_text(model, ctx.tokens), logit_scale(model, cfg["logit_scale"])
-        )
-    loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg["ls"])
-    extra = method.extra_loss(ctx, images, image_features)
-    if extra is not None:
-        loss = loss + extra
+    loss = method.task_loss(ctx, images, labels)
+    if loss is None:
+        with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=ctx.amp):
+            image_features = encode_image(model, images)
+            logits = clip_logits(
+                image_features, encode_text(model, ctx.tokens), logit_scale(model, cfg["logit_scale"])
+            )
+        loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg["ls"])
+        extra = method.extra_loss(ctx, images, image_features)
+        if extra is not None:
+            loss = loss + extra
     value = loss.item()
     if not math.isfinite(value):
         raise NonFiniteError(
@@ -125,7 +140,7 @@ def _step(
     method.after_backward(ctx)
     optimizer.step()
     method.after_step(ctx)
-    _check_finite_params(model, ctx.task, ctx.step)
+    _check_finite_params(model, ctx.task, ctx.step, own)
     return value
 
 
@@ -142,7 +157,8 @@ def train_task(
     progress: bool = True,
     previous_class_names: Sequence[str] = (),
 ) -> tuple[MethodState, dict]:
-    """Train the adapters on one task with the config's method; return its new state and diagnostics.
+    """Train one task with the config's method (by default its adapters); return its new state and
+    diagnostics.
 
     Args:
         model: CLIP with adapters (only adapters require grad), on ``device``.
@@ -172,15 +188,24 @@ def train_task(
         device=device,
     )
     tokens = tokenize_prompts(tokenizer, class_names, cfg["prompt_template"]).to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
     towers = {name: [p for a in adapters(model, name) for p in a.parameters()] for name in ("visual", "text")}
     before = {name: [p.detach().clone() for p in ps] for name, ps in towers.items()}
-    optimizer = make_optimizer(params, cfg)
     amp = cfg["precision"] == "amp_bf16"
     ctx = TaskContext(
-        model, tokenizer, train_set, cfg, task, state, device, tokens, previous_class_names, amp
+        model,
+        tokenizer,
+        train_set,
+        cfg,
+        task,
+        state,
+        device,
+        tokens,
+        previous_class_names,
+        amp,
+        class_names=class_names,
+        n_batches=len(loader),
     )
-    losses = _run_steps(ctx, method, loader, optimizer, progress)
+    optimizer, losses = _run_steps(ctx, method, loader, progress)
     train_seconds = time.perf_counter() - t0 - sum(method.seconds.values())  # the method's phases apart
     new_state, method_diagnostics = method.end_task(ctx)
     return new_state, {
@@ -201,21 +226,30 @@ def train_task(
 
 
 def _run_steps(
-    ctx: TaskContext, method: Method, loader, optimizer: torch.optim.Optimizer, progress: bool
-) -> list[float]:
-    """The task's ``epochs * len(loader) + 1`` steps (capped by ``max_steps``); their losses."""
-    cfg = ctx.cfg
-    total = cfg["epochs"] * len(loader)
-    n_steps = total + 1 if cfg["max_steps"] is None else min(total + 1, cfg["max_steps"])
+    ctx: TaskContext, method: Method, loader, progress: bool
+) -> tuple[torch.optim.Optimizer, list[float]]:
+    """The task's steps (by default ``epochs * len(loader) + 1``, capped by ``max_steps``) with the
+    method's new optimiser; the optimiser and the steps' losses."""
     ctx.model.train()
     method.start_task(ctx)
+    params = method.trainable(ctx)
+    optimizer = method.optimizer(ctx, params)
+    in_model = {id(p) for p in ctx.model.parameters()}
+    own = [(f"{method.name} parameter {i}", p) for i, p in enumerate(params) if id(p) not in in_model]
+    n_steps, lr_of = method.schedule(ctx.cfg, len(loader))
+    # Global labels: the classes of earlier tasks come first in the class order.
+    offset = len(ctx.previous_class_names) if method.labels == "global" else 0
     losses: list[float] = []
     batches = cycle(loader)
     for step in tqdm(range(n_steps), desc=f"task {ctx.task}", disable=not progress, leave=False):
+        lr = lr_of(step)
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, total, cfg["lr"], cfg["warmup_steps"])
+            group["lr"] = lr
         images, labels = next(batches)
         ctx.step = step
         images = images.to(ctx.device, non_blocking=True)
-        losses.append(_step(ctx, method, optimizer, images, labels.to(ctx.device, non_blocking=True)))
-    return losses
+        labels = labels.to(ctx.device, non_blocking=True)
+        if offset:
+            labels = labels + offset
+        losses.append(_step(ctx, method, optimizer, images, labels, own))
+    return optimizer, losses

@@ -125,7 +125,7 @@ def paper_runs(tmp_path: Path) -> list[Path]:
 def test_load_reference_matches_method_md():
     ref = agg.load_reference()
     assert list(ref.columns) == ["method", "dataset", "split", "metric", "value", "source"]
-    assert set(ref.method) == {"zeroshot", "moe_adapters", "dmnsp"}
+    assert set(ref.method) == {"zeroshot", "moe_adapters", "rapf", "dmnsp"}
 
     def value(method, dataset, split, metric):
         return agg._reference_value(ref, method, dataset, split, metric)
@@ -136,8 +136,25 @@ def test_load_reference_matches_method_md():
     assert value("moe_adapters", "cifar100", "5-5", "last") == 76.20
     assert value("moe_adapters", "tinyimagenet", "100-5", "avg") == 79.96
     assert value("dmnsp", "cifar100", "5-5", "avg") is None  # unknown stays absent
+    assert value("rapf", "cifar100", "10-10", "avg") == 86.19
+    assert value("rapf", "cifar100", "10-10", "last") == 79.04
+    assert value("rapf", "cifar100", "5-5", "avg") is None  # no published number: empty
     steps = ref[ref.metric.str.startswith("step_")].sort_values("metric", key=lambda m: m.str[5:].astype(int))
-    assert steps.value.tolist() == [99.20, 96.10, 91.93, 87.05, 87.00, 86.10, 84.17, 83.05, 81.58, 79.94]
+    dmnsp_steps, moe_steps = steps[steps.method == "dmnsp"], steps[steps.method == "moe_adapters"]
+    assert dmnsp_steps.value.tolist() == [
+        99.20,
+        96.10,
+        91.93,
+        87.05,
+        87.00,
+        86.10,
+        84.17,
+        83.05,
+        81.58,
+        79.94,
+    ]
+    assert moe_steps.value.tolist() == [98.40, 94.70, 89.27, 85.38, 83.56, 83.25, 81.39, 79.74, 78.86, 77.52]
+    assert moe_steps.value.mean() == pytest.approx(85.21, abs=0.005)  # the log's Avg of its steps
     assert ref.value.between(0, 100).all()
     assert not ref.duplicated(["method", "dataset", "split", "metric"]).any()
 
@@ -206,6 +223,7 @@ def test_write_tables_markdown(paper_runs, tmp_path):
     assert rows["dmnsp (reported)"] == ["87.61", "79.94", ""]
     assert rows["zeroshot (reported)"] == ["75.17", "66.72", ""]
     assert rows["moe_adapters (reported)"] == ["85.21", "77.52", ""]
+    assert rows["rapf (reported)"] == ["86.19", "79.04", ""]
     assert rows["Δ dmnsp"] == ["-0.61", "+2.06", ""]
     assert rows["Δ zeroshot"] == ["-15.17", "-6.72", ""]
     assert "Δ dmnsp (towers=both)" not in rows and "Δ finetune" not in rows  # nothing reported for them

@@ -66,16 +66,24 @@ def test_embedded_default_expands_without_duplicating_zeroshot():
     (name,) = plan.experiments
     runs = plan.experiments[name]
     groups = by_method(runs)
-    # LAMBDA_SCALE [1, 30] × 2 seeds for dmnsp; zeroshot, finetune, lwf and the clean ablation (which
-    # projects AdamW's update, where the coefficients do nothing) ignore LAMBDA_SCALE.
-    assert {m: len(r) for m, r in groups.items()} == {"zeroshot": 2, "finetune": 2, "lwf": 2, "dmnsp": 6}
+    # LAMBDA_SCALE [1, 30] × 2 seeds for dmnsp; zeroshot, finetune, lwf, moe_adapters, rapf and the
+    # clean ablation (which projects AdamW's update, where the coefficients do nothing) ignore it.
+    assert {m: len(r) for m, r in groups.items()} == {
+        "zeroshot": 2,
+        "finetune": 2,
+        "lwf": 2,
+        "moe_adapters": 2,
+        "rapf": 2,
+        "dmnsp": 6,
+    }
     assert all(run.n_tasks == 5 for run in runs)
-    assert sum(run.n_tasks for run in runs) == 60
+    assert sum(run.n_tasks for run in runs) == 80
     clean = [run for run in groups["dmnsp"] if run.settings.get("projection.mode") == "clean"]
     assert len(clean) == 2 and all("LAMBDA_SCALE" not in run.settings for run in clean)
-    assert all(
-        "LAMBDA_SCALE" not in run.settings for run in groups["zeroshot"] + groups["finetune"] + groups["lwf"]
-    )
+    others = ("zeroshot", "finetune", "lwf", "moe_adapters", "rapf")
+    assert all("LAMBDA_SCALE" not in run.settings for m in others for run in groups[m])
+    # rapf.precision reaches the rapf runs only.
+    assert all(("rapf.precision" in run.settings) == (m == "rapf") for m, rs in groups.items() for run in rs)
     assert sorted(run.settings["LAMBDA_SCALE"] for run in groups["dmnsp"] if run not in clean) == [
         1,
         1,
@@ -465,8 +473,18 @@ def test_paper_configs_expand(path):
     dataset, split = path.stem.split("-", 1)
     initial, increment = map(int, split.split("-"))
     n_classes = {"cifar100": 100, "tinyimagenet": 200}[dataset]
-    assert len(runs) == 3 * (4 + 5)  # 3 seeds × (zeroshot, finetune, lwf, dmnsp + 5 ablations)
-    assert {run.label for run in runs} >= {"zeroshot", "finetune", "lwf", "dmnsp", "dmnsp (mode=clean)"}
+    assert len(runs) == 3 * (
+        6 + 5
+    )  # 3 seeds × (zeroshot, finetune, lwf, moe_adapters, rapf, dmnsp + 5 ablations)
+    assert {run.label for run in runs} >= {
+        "zeroshot",
+        "finetune",
+        "lwf",
+        "moe_adapters",
+        "rapf",
+        "dmnsp",
+        "dmnsp (mode=clean)",
+    }
     assert {run.n_tasks for run in runs} == {1 + (n_classes - initial) // increment}
     assert all(
         run.model_name == "ViT-B-16" and run.settings.get("pretrained", "openai") == "openai" for run in runs

@@ -257,6 +257,14 @@ RUN_BOUNDS = [
     ({"eval_batch_size": 10**6}, "'eval_batch_size'"),
     ({"pretrain": {"batch_size": 10**6}}, "'pretrain.batch_size'"),
     ({"pretrain": {"steps": 10**8}}, "'pretrain.steps'"),
+    ({"method": "moe_adapters", "moe": {"experts": 10**6}}, "'moe.experts'"),
+    ({"method": "moe_adapters", "moe": {"top_k": 10**6}}, "'moe.top_k'"),
+    ({"method": "rapf", "rapf": {"beta": 1e9}}, "'rapf.beta'"),  # 2e10 draws per hard pair and step
+    ({"method": "rapf", "rapf": {"beta": 0.01}}, "'rapf.beta'"),  # int(10 beta) = 0: no replay at all
+    ({"method": "rapf", "rapf": {"mix_bias": 5}}, "'rapf.mix_bias'"),
+    ({"method": "rapf", "rapf": {"threshold": 1e300}}, "'rapf.threshold'"),
+    ({"method": "rapf", "rapf": {"milestones": [10**12]}}, "'rapf.milestones.0'"),
+    ({"method": "rapf", "rapf": {"milestones": [4] * 1001}}, "'rapf.milestones'"),
     ({"pretrain": {"templates": ["a {}"] * 1001}}, "'pretrain.templates': 1,001 items, more than the 1,000"),
     ({"pretrain": {"templates": ["a {}" + "x" * 1000]}}, "'pretrain.templates.0': 1,004 characters"),
     ({"prompt_template": "a photo of a {}" + "." * 1000}, "'prompt_template': 1,015 characters"),

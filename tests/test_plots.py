@@ -145,6 +145,31 @@ def test_method_color_is_one_fixed_mapping():
     assert plots.method_color("dmnsp (towers=both)") not in plots.METHOD_COLORS.values()
 
 
+def test_variants_take_a_stable_shade_of_their_methods_colour():
+    """The embedded default's 'rapf (precision=fp32)' and 'dmnsp (mode=clean)' used to draw the same
+    hashed colour: a variant now takes a shade of its own method's colour, never another's."""
+    import matplotlib.colors as mcolors
+
+    def hue(color: str) -> float:
+        return float(mcolors.rgb_to_hsv(mcolors.to_rgb(color))[0])
+
+    labels = {
+        name: [f"{name} (mode=clean)", f"{name} (precision=fp32)", f"{name} (towers=both)", f"{name} (x=1)"]
+        for name in plots.METHOD_COLORS
+        if name != "zeroshot"  # grey has no hue
+    }
+    seen: dict[str, str] = {}
+    for name, variants in labels.items():
+        for label in variants:
+            color = plots.method_color(label)
+            assert color == plots.method_color(label) and color not in plots.METHOD_COLORS.values()
+            turn = abs(hue(color) - hue(plots.METHOD_COLORS[name]))
+            assert min(turn, 1 - turn) < 0.02, (label, color)  # hue is circular
+            assert seen.setdefault(color, name) == name, f"{label} shares {color} with {seen[color]}"
+    assert plots.method_color("rapf (precision=fp32)") != plots.method_color("dmnsp (mode=clean)")
+    assert plots.method_color("a label of mine") in plots._EXTRA_COLORS
+
+
 def test_accuracy_curves(run_dirs, tmp_path):
     runs = agg.collect_runs(run_dirs)
     files = plots.plot_accuracy_curves(runs, tmp_path, agg.load_reference())

@@ -86,14 +86,15 @@ def dry_run(configfile: Path) -> tuple[dict[str, int], float]:
 
 def test_default_config_plans_the_embedded_study():
     counts, _ = dry_run(DEFAULT)
-    # zeroshot, finetune and lwf × 2 seeds, dmnsp × LAMBDA_SCALE {1, 30} × 2 seeds, and the clean
-    # ablation × 2 seeds (it ignores LAMBDA_SCALE) = 12 runs of 5 tasks, each trained by one job.
+    # zeroshot, finetune, lwf, moe_adapters and rapf × 2 seeds, dmnsp × LAMBDA_SCALE {1, 30} × 2
+    # seeds, and the clean ablation × 2 seeds (it ignores LAMBDA_SCALE) = 16 runs of 5 tasks, each
+    # trained by one job.
     assert counts == {
         "download_data": 1,  # Fashion-MNIST from Debian's files into data/
-        "prepare_run": 12,
+        "prepare_run": 16,
         "pretrain_model": 1,
-        "train_tasks_0_4": 12,
-        "compute_metrics": 12,
+        "train_tasks_0_4": 16,
+        "compute_metrics": 16,
         "aggregate_results": 1,
         "all": 1,
     }
@@ -124,7 +125,7 @@ def training_jobs(n_tasks: int, k: int, runs: int) -> dict[str, int]:
 @pytest.mark.parametrize("path", PAPER, ids=[p.stem for p in PAPER])
 def test_paper_configs_plan_the_full_dag_offline(path):
     counts, elapsed = dry_run(path)
-    runs = 3 * (4 + 5)  # 3 seeds × (zeroshot, finetune, lwf, dmnsp and the 5 ablations)
+    runs = 3 * (6 + 5)  # 3 seeds × (zeroshot, finetune, lwf, moe_adapters, rapf, dmnsp and the 5 ablations)
     k = yaml.safe_load(path.read_text()).get("tasks_per_job", 1)
     assert k > 1  # the paper configs train several tasks per job (benchmarks/README.md)
     assert counts == {

@@ -1,10 +1,17 @@
 """The interface of a continual-learning method: what it reads, how tables show it, and its hooks
-into the generic training loop (:func:`dmnsp.train.train_task`).
+into the generic training loop (:func:`dmnsp.train.train_task`) and evaluation.
 
-The loop calls, for one task: :meth:`Method.start_task`, then every step a forward pass with the
-cross-entropy on the current task's prompts plus :meth:`Method.extra_loss`, ``backward``,
-:meth:`Method.after_backward`, the optimiser step, :meth:`Method.after_step`; finally
-:meth:`Method.end_task`, which returns the method's state for the checkpoint and its diagnostics.
+Every path that builds a model (``run``, ``train-task``, ``evaluate``, a search trial) calls
+:meth:`Method.prepare_model` once, before the initial adapters are recorded, a checkpoint is
+restored or parameters are collected. For one task the loop then calls
+:meth:`Method.start_task`; takes the optimiser of :meth:`Method.optimizer` over
+:meth:`Method.trainable` and the step count and learning rates of :meth:`Method.schedule`; every
+step :meth:`Method.task_loss` (None: the forward pass with the cross-entropy on the current task's
+prompts plus :meth:`Method.extra_loss`), ``backward``, :meth:`Method.after_backward`, the optimiser
+step, :meth:`Method.after_step`; finally :meth:`Method.end_task`, which returns the method's state
+for the checkpoint and its diagnostics. Evaluation forms its logits with :meth:`Method.evaluator`.
+The base class implements each hook as the generic loop had it, so a method overrides only what
+it changes.
 
 Class attributes are read at planning time (Snakefile parse, ``prepare-run``), so this file and
 every method file import no torch at module level: torch loads inside the hooks.
@@ -12,7 +19,7 @@ every method file import no torch at module level: torch loads inside the hooks.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -52,6 +59,11 @@ LOGIT_SCALE_BY_MODE: dict[str, str | float] = {"faithful": "checkpoint", "clean"
 #: Method state kept from task to task in the checkpoint: per tower, a list of tensors.
 MethodState = dict[str, list["torch.Tensor"]]
 
+#: A task's optimiser steps and the learning rate before each: ``(n_steps, lr_of_step)``.
+Schedule = tuple[int, Callable[[int], float]]
+#: The logits of a batch of images against the prompts evaluation was given.
+Logits = Callable[["torch.Tensor"], "torch.Tensor"]
+
 
 @dataclass
 class TaskContext:
@@ -69,6 +81,8 @@ class TaskContext:
         previous_class_names: names of the classes of tasks 0..t-1, in label order.
         amp: autocast to bfloat16 (``precision: amp_bf16``).
         step: index of the current optimiser step (set by the loop).
+        class_names: names of the current task's classes, in label order.
+        n_batches: batches of ``train_set`` per epoch (the loop's loader).
     """
 
     model: nn.Module
@@ -82,6 +96,8 @@ class TaskContext:
     previous_class_names: Sequence[str] = ()
     amp: bool = False
     step: int = 0
+    class_names: Sequence[str] = ()
+    n_batches: int = 0
 
 
 class Method:
@@ -100,6 +116,14 @@ class Method:
         default_towers: ``projection.towers`` when the config leaves it null.
         variants: named variants (workflow ``ablations``): run-key switches, dotted keys.
         variant_ignores: per variant, run keys that have no effect in it.
+        ignores: training keys this method never reads (it is not run twice over them).
+        defaults: the method's own settings per dataset and split (the official code's), as rows
+            ``(dataset or "*", split or "*", {dotted run key: value})``; every matching row applies
+            in order. Applied where the config resolves, to keys the config leaves unset.
+        labels: the training labels the hooks see: ``task`` (0 .. n-1 within the task, the
+            reference's shift) or ``global`` (positions in the class order, old classes first).
+        train_transform: transform of the training images: ``train`` (the random crop) or
+            ``eval`` (the deterministic evaluation transform).
     """
 
     name: ClassVar[str] = ""
@@ -113,6 +137,10 @@ class Method:
     default_towers: ClassVar[str] = "none"
     variants: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
     variant_ignores: ClassVar[Mapping[str, frozenset]] = {}
+    ignores: ClassVar[frozenset] = frozenset()
+    defaults: ClassVar[tuple[tuple[str, str, Mapping[str, Any]], ...]] = ()
+    labels: ClassVar[str] = "task"
+    train_transform: ClassVar[str] = "train"
 
     def __init__(self) -> None:
         #: Seconds of named phases (e.g. ``lambda``, ``basis``); those timed during the steps are
@@ -134,6 +162,17 @@ class Method:
         return []
 
     @classmethod
+    def resolve(cls, cfg: dict[str, Any]) -> None:
+        """Fill this method's settings that follow others (``null`` → by ``projection.mode``) in a
+        validated config, in place; raise ``dmnsp.config.ConfigError`` for settings that do not fit."""
+
+    # ------------------------------------------------------------------ model
+    def prepare_model(self, model: nn.Module, cfg: dict[str, Any]) -> None:
+        """Change the freshly built model (adapters in place, backbone frozen) before anything reads
+        its parameters: the initial adapters, a restored checkpoint and the optimiser then see the
+        change. Whatever it installs as ``block.adapter`` is saved and restored as adapters."""
+
+    @classmethod
     def state_mismatch(
         cls, cfg: Mapping[str, Any], task: int, state: MethodState, widths: Mapping[str, Sequence[int]]
     ) -> str | None:
@@ -151,7 +190,35 @@ class Method:
 
     # ------------------------------------------------------------------ hooks
     def start_task(self, ctx: TaskContext) -> None:
-        """Before the first step of task ``ctx.task``."""
+        """Before the first step of task ``ctx.task`` (the model is in train mode; the optimiser is
+        built after this hook, so parameters made here can be trained)."""
+
+    def trainable(self, ctx: TaskContext) -> list[nn.Parameter]:
+        """The parameters the task's optimiser updates (default: the model's that require grad)."""
+        return [p for p in ctx.model.parameters() if p.requires_grad]
+
+    def optimizer(self, ctx: TaskContext, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        """The task's new optimiser (default: AdamW of the config, :func:`dmnsp.optim.make_optimizer`)."""
+        from ..optim import make_optimizer
+
+        return make_optimizer(params, ctx.cfg)
+
+    def schedule(self, cfg: dict[str, Any], n_batches: int) -> Schedule:
+        """Steps of a task with ``n_batches`` batches per epoch, and the learning rate of each.
+
+        Default, the reference's: ``T + 1`` steps for ``T = epochs * n_batches`` (capped by
+        ``max_steps``), linear warm-up then cosine (:func:`dmnsp.train.lr_at`).
+        """
+        from ..train import lr_at
+
+        total = cfg["epochs"] * n_batches
+        n_steps = total + 1 if cfg["max_steps"] is None else min(total + 1, cfg["max_steps"])
+        return n_steps, lambda step: lr_at(step, total, cfg["lr"], cfg["warmup_steps"])
+
+    def task_loss(self, ctx: TaskContext, images: torch.Tensor, labels: torch.Tensor):
+        """The whole loss of this step, replacing the loop's (None: the loop's cross-entropy on the
+        current task's prompts plus :meth:`extra_loss`). ``labels`` follow :attr:`labels`."""
+        return None
 
     def extra_loss(self, ctx: TaskContext, images: torch.Tensor, image_features: torch.Tensor):
         """A term added to the cross-entropy of this step (None: nothing added).
@@ -171,3 +238,21 @@ class Method:
     def end_task(self, ctx: TaskContext) -> tuple[MethodState, dict]:
         """After the last step: the state for the checkpoint and this method's diagnostics."""
         return ctx.state, {}
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluator(
+        self,
+        model: nn.Module,
+        tokens: torch.Tensor,
+        state: MethodState,
+        cfg: Mapping[str, Any],
+        scale: torch.Tensor,
+    ) -> Logits:
+        """The logits evaluation takes the argmax of, for batches of images against ``tokens`` (the
+        prompts of every seen class), with the method's ``state`` after the task and the logit scale
+        ``scale`` (run key ``logit_scale``, resolved by :func:`dmnsp.model.logit_scale`). Called in
+        eval mode, without grad. Default: CLIP's, the text features computed once."""
+        from ..model import clip_logits, encode_image, encode_text
+
+        text = encode_text(model, tokens)
+        return lambda images: clip_logits(encode_image(model, images), text, scale)

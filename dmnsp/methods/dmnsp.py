@@ -218,7 +218,7 @@ def basis_statistics(ctx: TaskContext, towers: list[str]) -> dict[str, list[torc
 class DMNSP(Method):
     name = "dmnsp"
     description = "dynamic multi-layer null-space projection of the adapter gradients (ICCV 2025)"
-    order = 3
+    order = 5
     color = "#1f77b4"
     own_keys = ("TOP_SELECT", "TOP_K_RATIO", "LAMBDA_SCALE", "projection.")
     # The mode also picks every method's evaluation transform.

@@ -74,11 +74,21 @@ def reads_key(method: str, key: str, variant_name: str | None = None) -> bool:
     variant may make keys irrelevant. The planner never duplicates a run over a key it does not read.
     """
     cls = get(method)
-    if key in TRAINING_KEYS and not cls.trains:
+    if key in TRAINING_KEYS and not cls.trains or key in cls.ignores:
         return False
     if any(other.owns(key) for other in _REGISTRY.values() if other is not cls):
         return False
     return not (variant_name and key in variant(variant_name).ignores)
+
+
+def defaults_for(method: str, dataset: str, split: str) -> dict[str, Any]:
+    """The run keys ``method`` sets by default on ``dataset`` and ``split`` (``"10-10"``): every
+    matching row of its :attr:`~dmnsp.methods.base.Method.defaults` table, in order (dotted keys)."""
+    out: dict[str, Any] = {}
+    for row_dataset, row_split, keys in get(method).defaults:
+        if row_dataset in ("*", dataset) and row_split in ("*", split):
+            out.update(keys)
+    return out
 
 
 def run_label(cfg: Mapping[str, Any], searched: bool = False) -> str:

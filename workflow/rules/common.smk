@@ -438,6 +438,7 @@ def get_fetch_weights_options(wildcards):
 @cache
 def _job_resources(rule_name, key):
     """Resources of one job, keyed by (rule_name, experiment, run) or (rule_name, pretrain id)."""
+    method = None  # only a run's jobs have one
     if rule_name == "pretrain_model":
         spec = PLAN.pretrains[key[0]]
         dataset, model, own_threads = (
@@ -455,7 +456,8 @@ def _job_resources(rule_name, key):
             run.model_name,
             run.settings.get("threads"),
         )
-    out = resources_for(RESOURCE_TABLE, rule_name, dataset, model)
+        method = run.swept["method"]
+    out = resources_for(RESOURCE_TABLE, rule_name, dataset, model, method)
     if rule_name in ("pretrain_model", "train_task") and own_threads:
         out["threads"] = own_threads
     return out
