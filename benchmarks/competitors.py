@@ -2,7 +2,8 @@
 
 1. **Run time per method** at the embedded default's size (Fashion-MNIST 2-2, 5 tasks, the tiny
    CLIP pretrained as the default pretrains it, 600 training and 500 test images per class, one
-   thread): each method's run is expanded from ``config/config.yaml`` by the workflow's own
+   thread): each method's run is expanded from ``config/config.yaml`` with
+   ``config/competitors.yaml`` merged in by the workflow's own
    planner (so it takes the same settings, the method's own defaults included) and timed as one
    ``python -m dmnsp run`` process, seed 0. Prints wall seconds, Avg / Last and the steps per task.
    The whole main job (every method, both seeds, the grid, plots and tables) is what decides
@@ -31,10 +32,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_settings(method: str, pretrained: str, root: Path) -> dict:
-    """The embedded default's seed-0 run of ``method`` as the workflow plans it (nested run config)."""
+    """The seed-0 run of ``method`` in the embedded default with the competitors, as the workflow
+    plans it (nested run config)."""
+    from snakemake.utils import update_config
+
     from dmnsp.experiments import expand_all, unflatten
 
     cfg = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    update_config(
+        cfg, yaml.safe_load((ROOT / "config" / "competitors.yaml").read_text())
+    )  # as Snakemake merges
     ((name, exp),) = cfg["experiments"].items()
     exp.update(methods=[method], ablations=[], seeds=[0], grid={}, pretrain_first=False)
     exp["run"]["pretrained"] = pretrained

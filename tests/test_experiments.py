@@ -66,24 +66,15 @@ def test_embedded_default_expands_without_duplicating_zeroshot():
     (name,) = plan.experiments
     runs = plan.experiments[name]
     groups = by_method(runs)
-    # LAMBDA_SCALE [1, 30] × 2 seeds for dmnsp; zeroshot, finetune, lwf, moe_adapters, rapf and the
-    # clean ablation (which projects AdamW's update, where the coefficients do nothing) ignore it.
-    assert {m: len(r) for m, r in groups.items()} == {
-        "zeroshot": 2,
-        "finetune": 2,
-        "lwf": 2,
-        "moe_adapters": 2,
-        "rapf": 2,
-        "dmnsp": 6,
-    }
+    # LAMBDA_SCALE [1, 30] × 2 seeds for dmnsp; zeroshot, finetune, lwf and the clean ablation
+    # (which projects AdamW's update, where the coefficients do nothing) ignore it.
+    assert {m: len(r) for m, r in groups.items()} == {"zeroshot": 2, "finetune": 2, "lwf": 2, "dmnsp": 6}
     assert all(run.n_tasks == 5 for run in runs)
-    assert sum(run.n_tasks for run in runs) == 80
+    assert sum(run.n_tasks for run in runs) == 60
     clean = [run for run in groups["dmnsp"] if run.settings.get("projection.mode") == "clean"]
     assert len(clean) == 2 and all("LAMBDA_SCALE" not in run.settings for run in clean)
-    others = ("zeroshot", "finetune", "lwf", "moe_adapters", "rapf")
+    others = ("zeroshot", "finetune", "lwf")
     assert all("LAMBDA_SCALE" not in run.settings for m in others for run in groups[m])
-    # rapf.precision reaches the rapf runs only.
-    assert all(("rapf.precision" in run.settings) == (m == "rapf") for m, rs in groups.items() for run in rs)
     assert sorted(run.settings["LAMBDA_SCALE"] for run in groups["dmnsp"] if run not in clean) == [
         1,
         1,
@@ -97,6 +88,27 @@ def test_embedded_default_expands_without_duplicating_zeroshot():
     assert all(run.settings["pretrained"] == pre.model_path for run in runs)
     assert pre.settings["pretrain_per_class"] == 500 and pre.settings["pretrain.steps"] == 100
     assert plan.expected_seeds[name] == 2
+
+
+def test_the_competitors_file_adds_both_competitors_and_keeps_every_default_run():
+    """config/competitors.yaml given after the default (Snakemake merges the two): the 12 default
+    runs keep their ids and settings (their finished results are reused), and MoE-Adapters and
+    RAPF join with 2 seeds each, rapf.precision reaching the rapf runs only."""
+    from snakemake.utils import update_config
+
+    default = load(ROOT / "config" / "config.yaml")
+    merged = load(ROOT / "config" / "config.yaml")
+    update_config(merged, load(ROOT / "config" / "competitors.yaml"))
+    (name,) = expand_all(default).experiments
+    before = {run.run_id: run.settings for run in expand_all(default).experiments[name]}
+    runs = expand_all(merged).experiments[name]
+    after = {run.run_id: run.settings for run in runs}
+    assert {k: after[k] for k in before} == before
+    groups = by_method(runs)
+    assert {m: len(groups[m]) for m in ("moe_adapters", "rapf")} == {"moe_adapters": 2, "rapf": 2}
+    assert len(runs) == len(before) + 4
+    assert all(("rapf.precision" in run.settings) == (m == "rapf") for m, rs in groups.items() for run in rs)
+    assert all("LAMBDA_SCALE" not in run.settings for m in ("moe_adapters", "rapf") for run in groups[m])
 
 
 def test_run_paths_are_readable_key_value_parts():
