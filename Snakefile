@@ -15,7 +15,7 @@ from snakemake.utils import min_version
 
 from dmnsp.config import ConfigError, check_workflow_config
 
-min_version("9.0")
+min_version("9.19")
 
 
 # workflow/Snakefile checks every config file and the loaded config with dmnsp's bounded reader

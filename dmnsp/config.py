@@ -9,15 +9,12 @@ from __future__ import annotations
 import copy
 import difflib
 import hashlib
-import importlib.util
 import json
 import math
 import os
 import re
 import string
 from collections.abc import Iterable, Mapping
-from functools import cache
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +22,9 @@ import yaml
 from jsonschema import Draft202012Validator
 
 from . import methods
-from .bounded import BoundsError, check_tree, loads_json, read_regular_text
+from .architectures import check_model_name, tower_widths
+from .bounded import BoundsError, check_tree, read_regular_text
+from .errors import ConfigError, run_schema
 from .methods.dmnsp import MODE_DEFAULTS
 
 # Keys that say where things are or how fast to run, not what is computed: they may differ
@@ -48,10 +47,6 @@ _FLOAT_MAX = 1.7976931348623157e308  # sys.float_info.max: larger integers overf
 
 # Keys that hold a path, checked for a ``~user`` that names no user (os.path.expanduser keeps it).
 PATH_KEYS = ("dataset_root", "cache_dir", "pretrained", "class_order")
-
-
-class ConfigError(ValueError):
-    """A run configuration is malformed; the message names the key and the fix."""
 
 
 class _Loader(yaml.SafeLoader):
@@ -133,13 +128,6 @@ def read_text_file(path: str | Path, what: str, error: type[ConfigError] = Confi
         raise error(str(exc)) from None
     except OSError as exc:
         raise error(f"{what} {path} cannot be read ({exc.strerror or exc}); check its permissions") from None
-
-
-@cache
-def run_schema() -> dict:
-    """The JSON schema (draft 2020-12) of a run configuration."""
-    text = resources.files("dmnsp").joinpath("schemas/run.schema.yaml").read_text()
-    return yaml.safe_load(text)
 
 
 def _fill_defaults(cfg: dict, schema: Mapping) -> dict:
@@ -363,86 +351,6 @@ def check_home(key: str, value: Any) -> None:
         raise ConfigError(
             f"'{key}': {_short(repr(value), 100)} starts with the home folder {whose}; write the full path"
         )
-
-
-#: An architecture name: open_clip's (ViT-B-16, convnext_base_w, RN50x4, ...) and the package's
-#: own (dmnsp-tiny). Not a path: ``model_name`` never names a file to read.
-ARCHITECTURE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-
-
-def architecture_folders() -> list[Path]:
-    """Where architecture JSON configs live: the package's own, then open_clip's (no import)."""
-    folders = [Path(str(resources.files("dmnsp").joinpath("model_configs")))]
-    spec = importlib.util.find_spec("open_clip")
-    if spec is not None and spec.submodule_search_locations:
-        folders += [Path(p) / "model_configs" for p in spec.submodule_search_locations]
-    return folders
-
-
-@cache
-def architecture_names() -> tuple[str, ...]:
-    """Every architecture name with a JSON config in :func:`architecture_folders` (what open_clip's
-    ``list_models`` gives, with the package's own), sorted."""
-    return tuple(
-        sorted(
-            {p.stem for folder in architecture_folders() if folder.is_dir() for p in folder.glob("*.json")}
-        )
-    )
-
-
-def check_model_name(model_name: str) -> None:
-    """``model_name`` is a known architecture name: never a path (``../x`` would read any ``x.json``
-    on the machine as the architecture), never a name without a config."""
-    known = architecture_names()
-    if isinstance(model_name, str) and ARCHITECTURE_NAME.match(model_name) and model_name in known:
-        return
-    close = difflib.get_close_matches(str(model_name), known, n=3)
-    raise ConfigError(
-        f"unknown model_name {model_name!r}"
-        + (f"; did you mean {', '.join(close)}?" if close else "")
-        + " (`python -m dmnsp list-models` lists all: give a name, never a path; note open_clip writes "
-        "ViT-B-16, not ViT-B/16)"
-    )
-
-
-@cache
-def architecture(model_name: str) -> dict:
-    """An open_clip architecture's JSON config (the package's own or open_clip's), read without
-    importing or building anything; empty when the architecture is not found that way."""
-    check_model_name(model_name)
-    for folder in architecture_folders():
-        path = folder / f"{model_name}.json"
-        if path.is_file():
-            try:
-                arch = loads_json(read_regular_text(path, "architecture config", 2**20), str(path))
-            except (OSError, ValueError) as exc:  # BoundsError and JSONDecodeError are ValueErrors
-                raise ConfigError(
-                    f"architecture config {path} of {model_name} is damaged ({exc}); reinstall the package "
-                    "that holds it"
-                ) from None
-            return arch if isinstance(arch, dict) else {}
-    return {}
-
-
-@cache
-def tower_widths(model_name: str) -> dict[str, int]:
-    """Residual-stream widths of an open_clip architecture's towers (``{"visual": 768, "text": 512}``),
-    from :func:`architecture`; empty when the architecture is not found that way or gives no width."""
-    arch = architecture(model_name)
-    cfgs = {"visual": arch.get("vision_cfg"), "text": arch.get("text_cfg")}
-    # Only transformer towers (an int layer count; ResNets list stages) carry adapters.
-    return {
-        tower: int(c["width"])
-        for tower, c in cfgs.items()
-        if isinstance(c, dict) and type(c.get("width")) is int and type(c.get("layers")) is int
-    }
-
-
-def embed_dim(model_name: str) -> int | None:
-    """The width of an architecture's joint image-text embedding (``encode_image``'s output), from
-    :func:`architecture`; None when it does not say."""
-    value = architecture(model_name).get("embed_dim")
-    return value if type(value) is int else None
 
 
 def _check_widths(cfg: dict) -> None:

@@ -33,6 +33,7 @@ is present.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -237,3 +238,11 @@ def describe(optimizer: torch.optim.Optimizer) -> str:
     if isinstance(optimizer, AdamW):
         return f"dmnsp.optim.AdamW(numerics={group.get('numerics')})"
     return f"{type(optimizer).__module__}.{type(optimizer).__name__}(foreach={group.get('foreach')})"
+
+
+def lr_at(step: int, total: int, base_lr: float, warmup: int = 30) -> float:
+    """The reference schedule: linear warm-up over ``warmup`` steps, then cosine to 0 at ``total``."""
+    if step < warmup:
+        return base_lr * (step + 1) / warmup
+    span = max(total - warmup, 1)  # guard tasks with T <= warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / span)) * base_lr

@@ -30,7 +30,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .config import run_schema
+from .errors import run_schema
 
 #: The folder of each dataset under its ``dataset_root`` (torchvision's and the archives' own
 #: names); for ``imagefolder`` the root itself is the dataset (``train/`` and ``test/`` inside).

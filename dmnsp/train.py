@@ -18,24 +18,13 @@ from tqdm.auto import tqdm
 
 from . import methods
 from .adapters import adapters
+from .errors import NonFiniteError
 from .loaders import cycle, derive_seed, make_loader
 from .methods import Method, MethodState, TaskContext
 from .model import clip_logits, encode_image, encode_text, logit_scale, tokenize_prompts
-from .optim import describe
+from .optim import describe, lr_at
 
 __all__ = ["NonFiniteError", "derive_seed", "lr_at", "inf_fraction", "peak_memory_mb", "train_task"]
-
-
-class NonFiniteError(FloatingPointError):
-    """Loss or parameters became NaN/inf; names task, step and tensor."""
-
-
-def lr_at(step: int, total: int, base_lr: float, warmup: int = 30) -> float:
-    """The reference schedule: linear warm-up over ``warmup`` steps, then cosine to 0 at ``total``."""
-    if step < warmup:
-        return base_lr * (step + 1) / warmup
-    span = max(total - warmup, 1)  # guard tasks with T <= warmup
-    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / span)) * base_lr
 
 
 def _check_finite_params(

@@ -884,7 +884,7 @@ def test_model_name_is_a_registered_name_never_a_path(tmp_path, capsys, name):
 
 
 def test_registered_model_names_pass(make_config):
-    from dmnsp.config import architecture_names, tower_widths
+    from dmnsp.architectures import architecture_names, tower_widths
     from dmnsp.model import list_models
 
     assert set(list_models()) >= set(architecture_names()) >= {"ViT-B-16", "dmnsp-tiny", "RN50"}

@@ -15,8 +15,8 @@ from conftest import tiny_config
 
 from dmnsp import methods
 from dmnsp.adapters import TOWERS, Adapter, adapters, count_trainable
+from dmnsp.architectures import tower_widths
 from dmnsp.checkpoint import TaskState, load_checkpoint, save_checkpoint
-from dmnsp.config import tower_widths
 from dmnsp.methods import TaskContext
 from dmnsp.methods.moe_adapters import text_gate_spread
 from dmnsp.model import logit_scale

@@ -207,9 +207,9 @@ class Method:
         """Steps of a task with ``n_batches`` batches per epoch, and the learning rate of each.
 
         Default, the reference's: ``T + 1`` steps for ``T = epochs * n_batches`` (capped by
-        ``max_steps``), linear warm-up then cosine (:func:`dmnsp.train.lr_at`).
+        ``max_steps``), linear warm-up then cosine (:func:`dmnsp.optim.lr_at`).
         """
-        from ..train import lr_at
+        from ..optim import lr_at
 
         total = cfg["epochs"] * n_batches
         n_steps = total + 1 if cfg["max_steps"] is None else min(total + 1, cfg["max_steps"])

@@ -101,7 +101,7 @@ class MoEAdapters(Method):
 
     @classmethod
     def resolve(cls, cfg: dict[str, Any]) -> None:
-        from ..config import ConfigError
+        from ..errors import ConfigError
 
         moe = cfg["moe"]
         for key, value in MODE_DEFAULTS[cfg["projection"]["mode"]].items():
@@ -126,7 +126,7 @@ class MoEAdapters(Method):
     def schedule(self, cfg: dict[str, Any], n_batches: int) -> Schedule:
         if cfg["moe"]["schedule"] == "reference":
             return super().schedule(cfg, n_batches)
-        from ..train import lr_at
+        from ..optim import lr_at
 
         total = cfg["epochs"] * n_batches
         warmup = min(cfg["warmup_steps"], total // 2)

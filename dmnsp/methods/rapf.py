@@ -139,13 +139,13 @@ def cholesky_factors(covs: Sequence[torch.Tensor], shrinkage: bool) -> list[torc
     """The lower Cholesky factor of each class covariance (shrunk first with ``shrinkage``).
 
     Raises:
-        dmnsp.train.NonFiniteError: a covariance that is not positive definite (a class with fewer
+        dmnsp.errors.NonFiniteError: a covariance that is not positive definite (a class with fewer
             images than dimensions, rounded to fp16, can lose what the 1e-4 ridge gives it), naming
             the class and the fixes.
     """
     import torch
 
-    from ..train import NonFiniteError
+    from ..errors import NonFiniteError
 
     out = []
     for c, cov in enumerate(covs):
@@ -340,7 +340,7 @@ class RAPF(Method):
         the adapters', are not RAPF's: it trains no adapters.)"""
         import torch
 
-        from ..config import embed_dim
+        from ..architectures import embed_dim
 
         if task < 0:
             held = any(len(v) for v in state.values())

@@ -311,15 +311,16 @@ def checkpoint_output(path):
 
 def train_tasks_output(chunk):
     """Every task's checkpoint, eval.json and diagnostics.json of a chunk: all are the job's outputs
-    (temp() checkpoints inside a chunk too: each is deleted as soon as no job needs it).
+    (temp() checkpoints inside a chunk too: each is deleted as soon as no job needs it). Named by
+    position in the chunk (eval0: its first task's), so one shell text serves every chunk rule.
     """
     out = {}
-    for t in chunk.tasks:
-        out[f"checkpoint{t}"] = checkpoint_output(
+    for i, t in enumerate(chunk.tasks):
+        out[f"checkpoint{i}"] = checkpoint_output(
             layout.task_file(RUN, t, layout.CHECKPOINT)
         )
-        out[f"eval{t}"] = layout.task_file(RUN, t, layout.EVAL)
-        out[f"diagnostics{t}"] = layout.task_file(RUN, t, layout.DIAGNOSTICS)
+        out[f"eval{i}"] = layout.task_file(RUN, t, layout.EVAL)
+        out[f"diagnostics{i}"] = layout.task_file(RUN, t, layout.DIAGNOSTICS)
     return out
 
 

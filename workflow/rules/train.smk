@@ -114,12 +114,12 @@ for chunk in CHUNK_RULES:
             tasks=f"{chunk.first}-{chunk.last}",
             resume=get_resume_option,
             staged=get_staged_options,
-        # The run folder is the one holding the job's task outputs (every output is
-        # <run>/task<t>/<file>): under remote storage, Snakemake's local copy of it. The shell text
-        # is evaluated when the job runs, after the loop has ended: no loop variable in it.
+        # The run folder is the one holding the job's task outputs (<run>/task<t>/eval.json): under
+        # remote storage, Snakemake's local copy of it. The shell text is evaluated when the job
+        # runs, after the loop has ended: no loop variable in it (eval0 is every chunk's first task).
         shell:
             "OMP_NUM_THREADS={threads} python -m dmnsp train-task --quiet --config {input.config}"
-            " --tasks {params.tasks} {params.resume} --run-dir $(dirname $(dirname {output[0]}))"
+            " --tasks {params.tasks} {params.resume} --run-dir $(dirname $(dirname {output.eval0}))"
             " {params.staged} > {log} 2>&1"
 
     inherit_train_task_settings(chunk)
