@@ -1,5 +1,6 @@
 """open_clip architectures by name, read from their JSON configs without importing open_clip or
-building a model: the names, their tower widths and embedding width (dmnsp.config checks model_name and the widths with them)."""
+building a model: the names, their tower widths and embedding width (dmnsp.config checks
+model_name and the widths with them)."""
 
 from __future__ import annotations
 
