@@ -25,6 +25,7 @@ from . import methods
 from .architectures import check_model_name, tower_widths
 from .bounded import BoundsError, check_tree, read_regular_text
 from .errors import ConfigError, run_schema
+from .methods.base import fill_nulls
 from .methods.dmnsp import MODE_DEFAULTS
 
 # Keys that say where things are or how fast to run, not what is computed: they may differ
@@ -309,9 +310,7 @@ def _resolve(cfg: dict) -> dict:
             f"'projection.towers': {proj['towers']!r} needs method {' or '.join(map(repr, projecting))} "
             f"(method is {cfg['method']!r}); set method: {projecting[0]} or projection.towers: none"
         )
-    for key, value in MODE_DEFAULTS[proj["mode"]].items():
-        if proj[key] is None:
-            proj[key] = value
+    fill_nulls(proj, MODE_DEFAULTS[proj["mode"]])
     if cfg["optimizer"]["numerics"] is None:  # the reference ran torch's foreach AdamW on a GPU
         cfg["optimizer"]["numerics"] = methods.NUMERICS_BY_MODE[proj["mode"]]
     if cfg["logit_scale"] is None:  # the reference scales by the loaded checkpoint's exp(logit_scale)

@@ -65,6 +65,14 @@ Schedule = tuple[int, Callable[[int], float]]
 Logits = Callable[["torch.Tensor"], "torch.Tensor"]
 
 
+def fill_nulls(section: dict[str, Any], defaults: Mapping[str, Any]) -> None:
+    """Set each key of ``section`` that is ``null`` to its value in ``defaults`` (a mode's defaults:
+    the projection's, MoE's, RAPF's), in place."""
+    for key, value in defaults.items():
+        if section[key] is None:
+            section[key] = value
+
+
 @dataclass
 class TaskContext:
     """What the training loop shares with a method during one task.

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .base import Logits, Method, MethodState, Schedule, TaskContext
+from .base import Logits, Method, MethodState, Schedule, TaskContext, fill_nulls
 from .registry import register
 
 if TYPE_CHECKING:
@@ -104,9 +104,7 @@ class MoEAdapters(Method):
         from ..errors import ConfigError
 
         moe = cfg["moe"]
-        for key, value in MODE_DEFAULTS[cfg["projection"]["mode"]].items():
-            if moe[key] is None:
-                moe[key] = value
+        fill_nulls(moe, MODE_DEFAULTS[cfg["projection"]["mode"]])
         if moe["top_k"] > moe["experts"]:
             raise ConfigError(
                 f"'moe.top_k': {moe['top_k']} is more than moe.experts ({moe['experts']}); "

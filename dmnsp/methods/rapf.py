@@ -36,7 +36,7 @@ from collections.abc import Sequence
 from functools import cache
 from typing import TYPE_CHECKING, Any
 
-from .base import Logits, Method, MethodState, Schedule, TaskContext
+from .base import Logits, Method, MethodState, Schedule, TaskContext, fill_nulls
 from .registry import register
 
 if TYPE_CHECKING:
@@ -305,10 +305,7 @@ class RAPF(Method):
 
     @classmethod
     def resolve(cls, cfg: dict[str, Any]) -> None:
-        rapf = cfg["rapf"]
-        for key, value in MODE_DEFAULTS[cfg["projection"]["mode"]].items():
-            if rapf[key] is None:
-                rapf[key] = value
+        fill_nulls(cfg["rapf"], MODE_DEFAULTS[cfg["projection"]["mode"]])
 
     @classmethod
     def label_parts(cls, cfg: dict[str, Any]) -> list[str]:
